@@ -1,0 +1,371 @@
+"""Run configuration: YAML recipe sections mapped 1:1 onto validated dataclasses.
+
+A recipe (`ds_configs/*.yaml`) has the sections model, moe, mose, optim, train, data,
+engine, logging and checkpoint. Unknown keys and wrong types are errors naming the key
+and the file; cross-field rules live in each dataclass's `__post_init__`. Dotted
+`section.key=value` overrides from the command line are applied before validation, and
+the resolved config (`to_dict`) is written beside every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad recipe, key or value; the message is one line that names the offender."""
+
+
+@dataclass
+class ModelConfig:
+    """GPT-2-style decoder; MoE blocks are `moe_offset, moe_offset + moe_every, ...`."""
+    name: str = "custom"
+    num_layers: int = 6
+    num_heads: int = 6
+    hidden_size: int = 384
+    ffn_mult: int = 4
+    vocab_size: int = 50304
+    seq_len: int = 1024
+    moe_every: int = 2
+    moe_offset: int = 0
+    activation: str = "gelu"
+    init_std: float = 0.02
+    layernorm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        _positive(self, "num_layers", "num_heads", "hidden_size", "ffn_mult", "vocab_size",
+                  "seq_len", "moe_every")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                              f"model.num_heads={self.num_heads}")
+        if self.activation not in ("gelu", "swiglu"):
+            raise ConfigError(f"model.activation={self.activation!r}: expected 'gelu' or 'swiglu'")
+        if not 0 <= self.moe_offset < self.num_layers:
+            raise ConfigError(f"model.moe_offset={self.moe_offset} must be in [0, num_layers)")
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        return self.ffn_mult * self.hidden_size
+
+    def is_moe_layer(self, index: int) -> bool:
+        return index >= self.moe_offset and (index - self.moe_offset) % self.moe_every == 0
+
+
+@dataclass
+class MoEConfig:
+    """Router and capacity; capacity factors default to the paper's values for the given k."""
+    num_experts: int = 8
+    top_k: int = 2
+    capacity_factor: Optional[float] = None
+    eval_capacity_factor: Optional[float] = None
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    router_jitter: float = 0.0
+    expert_parallel_size: int = 1
+
+    def __post_init__(self):
+        _positive(self, "num_experts", "top_k", "expert_parallel_size")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}")
+        if self.num_experts % self.expert_parallel_size:
+            raise ConfigError(f"moe.num_experts={self.num_experts} is not divisible by "
+                              f"moe.expert_parallel_size={self.expert_parallel_size}")
+        train_cf, eval_cf = (1.25, 2.0) if self.top_k <= 2 else (1.75, 3.0)
+        if self.capacity_factor is None:
+            self.capacity_factor = train_cf
+        if self.eval_capacity_factor is None:
+            self.eval_capacity_factor = eval_cf
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"moe.{key}={getattr(self, key)} must be positive")
+        if self.min_capacity < 0:
+            raise ConfigError(f"moe.min_capacity={self.min_capacity} must be >= 0")
+        for key in ("load_balance_coef", "z_loss_coef", "router_jitter"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"moe.{key}={getattr(self, key)} must be >= 0")
+
+
+@dataclass
+class MoSEConfig:
+    """Slimmable experts: the width grid and the two-pass objective (paper eq. 6).
+
+    `enabled: false` trains plain MoE at full width (the baseline). `two_pass` chooses how
+    the two branches are back-propagated: `joint` (one backward on the mean loss) or
+    `sequential` (one backward per branch as two DeepSpeed micro-steps on the same batch,
+    half the activation memory); both give the same gradients.
+    """
+    enabled: bool = True
+    width_min: float = 0.25
+    width_max: float = 1.0
+    width_step: float = 0.05
+    eval_widths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    two_pass: str = "joint"
+
+    def __post_init__(self):
+        for key in ("width_min", "width_max"):
+            _check_width(f"mose.{key}", getattr(self, key))
+        if self.width_min > self.width_max:
+            raise ConfigError(f"mose.width_min={self.width_min} exceeds mose.width_max={self.width_max}")
+        if not self.width_step > 0:
+            raise ConfigError(f"mose.width_step={self.width_step} must be positive")
+        for w in self.eval_widths:
+            _check_width("mose.eval_widths", w)
+        if self.two_pass not in ("joint", "sequential"):
+            raise ConfigError(f"mose.two_pass={self.two_pass!r}: expected 'joint' or 'sequential'")
+
+    @property
+    def grid(self) -> list[float]:
+        """The width grid A = {width_min, width_min + step, ..., width_max}."""
+        n = int(math.floor((self.width_max - self.width_min) / self.width_step + 1e-6))
+        grid = [round(self.width_min + i * self.width_step, 6) for i in range(n + 1)]
+        if grid[-1] < self.width_max - 1e-9:
+            grid.append(self.width_max)
+        return grid
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then linear decay to `min_lr` (paper appendix A.2)."""
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_iters: int = 200
+
+    def __post_init__(self):
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim.lr={self.lr}, optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
+        if self.warmup_iters < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.warmup_iters, optim.grad_clip and optim.weight_decay must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Batch geometry and loop lengths; global batch = micro * accum * data-parallel size.
+
+    `stop_at` ends this job after that iteration with a checkpoint (for time-limited jobs);
+    the schedule still runs to `max_iters`, and a resumed job continues it. 0 = never.
+    """
+    micro_batch_size: int = 12
+    grad_accum_steps: int = 4
+    max_iters: int = 10000
+    stop_at: int = 0
+    seed: int = 1337
+    eval_interval: int = 500
+    eval_batches: int = 20
+    log_interval: int = 10
+
+    def __post_init__(self):
+        _positive(self, "micro_batch_size", "grad_accum_steps", "max_iters", "eval_interval",
+                  "eval_batches", "log_interval")
+        if self.stop_at < 0:
+            raise ConfigError(f"train.stop_at={self.stop_at} must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """A folder written by `tools/prepare_data.py` (train.bin, val.bin, meta.json)."""
+    path: str = "data/openwebtext"
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError("data.path is empty")
+
+
+@dataclass
+class EngineConfig:
+    """DeepSpeed engine concerns only; batch sizes and the optimizer are filled in by code."""
+    zero_stage: int = 1
+    precision: str = "bf16"
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    extra: dict = field(default_factory=dict)
+
+    OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+             "optimizer", "scheduler", "gradient_clipping", "zero_optimization", "bf16", "fp16")
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"engine.zero_stage={self.zero_stage}: expected 0, 1 or 2 "
+                              "(DeepSpeed MoE does not support ZeRO-3)")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"engine.precision={self.precision!r}: expected 'fp32' or 'bf16'")
+        for key in self.extra:
+            if key in self.OWNED:
+                raise ConfigError(f"engine.extra.{key} is set by the run config, not the engine section")
+
+
+@dataclass
+class LoggingConfig:
+    out_dir: str = "runs/default"
+    tensorboard: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """`resume`: 'auto' (latest in `dir` if any), 'never', or a checkpoint directory."""
+    dir: str = ""
+    interval: int = 1000
+    resume: str = "auto"
+    save_final: bool = True
+
+    def __post_init__(self):
+        _positive(self, "interval")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mose: MoSEConfig = field(default_factory=MoSEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.logging.out_dir, "checkpoints")
+
+    def architecture(self) -> dict:
+        """The fields a checkpoint's weights depend on; resuming with others is refused."""
+        moe = self.moe
+        return {**dataclasses.asdict(self.model),
+                "moe.num_experts": moe.num_experts, "moe.top_k": moe.top_k}
+
+
+# --------------------------------------------------------------------------- loading
+
+def _positive(obj, *keys):
+    section = _SECTION_OF[type(obj)]
+    for key in keys:
+        if not getattr(obj, key) > 0:
+            raise ConfigError(f"{section}.{key}={getattr(obj, key)} must be positive")
+
+
+def _check_width(key, w):
+    if not 0 < w <= 1:
+        raise ConfigError(f"{key}: width {w} is outside (0, 1]")
+
+
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+_SECTION_OF = {factory: name for name, factory in _SECTIONS.items()}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(v, item, key) for v in value]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}.get(
+        getattr(annotation, "__name__", str(annotation)), annotation)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def _build_section(name: str, raw: Any, source: str):
+    cls = _SECTIONS[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section '{name}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{name}.{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{source}: {name}.{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML) to a raw recipe dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) < 2:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        if parts[0] not in _SECTIONS:
+            raise ConfigError(f"override {item!r}: unknown section '{parts[0]}'")
+        node = raw.setdefault(parts[0], {}) or {}
+        raw[parts[0]] = node
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def from_dict(raw: dict, source: str = "<config>") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a recipe must be a mapping of sections")
+    for name in raw:
+        if name not in _SECTIONS:
+            close = difflib.get_close_matches(name, list(_SECTIONS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown section '{name}'{hint}")
+    return RunConfig(**{name: _build_section(name, raw.get(name), source) for name in _SECTIONS})
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML recipe, apply dotted overrides, validate; errors name the file and key."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return from_dict(apply_overrides(raw, overrides or []), source=path)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    """Write the resolved config atomically (never leaves a half-written file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,97 @@
+"""Memory-mapped token shards and the deterministic batch order (data stage of DESIGN section 1).
+
+A prepared folder holds `train.bin`, `val.bin` (flat token ids) and `meta.json`. Training
+reads non-overlapping windows of `seq_len + 1` tokens in a fresh seeded permutation per
+epoch. The position in that order (samples consumed) is the only data state: it is saved
+in every checkpoint, so a resumed run reads exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def write_meta(folder: str, meta: dict) -> None:
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def read_meta(folder: str) -> dict:
+    path = os.path.join(folder, "meta.json")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"data.path: no such directory: {folder} (run tools/prepare_data.py first)")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"data.path: {path} is missing (not a folder written by tools/prepare_data.py)") from None
+    except json.JSONDecodeError:
+        raise ConfigError(f"data.path: {path} is not valid JSON") from None
+    if meta.get("dtype") not in DTYPES:
+        raise ConfigError(f"{path}: unknown dtype {meta.get('dtype')!r}")
+    return meta
+
+
+class TokenSplit:
+    """One split (`train` or `val`) as a memory map, cut into windows of seq_len + 1 tokens."""
+
+    def __init__(self, folder: str, split: str, seq_len: int, vocab_size: int):
+        meta = read_meta(folder)
+        path = os.path.join(folder, f"{split}.bin")
+        if not os.path.isfile(path):
+            raise ConfigError(f"data.path: {path} is missing")
+        if meta.get("vocab_size", 0) > vocab_size:
+            raise ConfigError(f"{folder}: tokenizer vocabulary {meta['vocab_size']} exceeds "
+                              f"model.vocab_size={vocab_size}")
+        self.tokens = np.memmap(path, dtype=DTYPES[meta["dtype"]], mode="r")
+        self.seq_len = seq_len
+        self.num_windows = (len(self.tokens) - 1) // seq_len
+        if self.num_windows < 1:
+            raise ConfigError(f"{path}: {len(self.tokens)} tokens, fewer than one window of "
+                              f"model.seq_len + 1 = {seq_len + 1}")
+
+    def batch(self, window_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, both [B, S] int64."""
+        S = self.seq_len
+        rows = np.stack([self.tokens[i * S: i * S + S + 1] for i in window_ids]).astype(np.int64)
+        data = torch.from_numpy(rows)
+        return data[:, :-1], data[:, 1:]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_windows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_windows)
+
+
+def train_window_ids(split: TokenSplit, seed: int, start: int, count: int) -> np.ndarray:
+    """Window ids of global samples [start, start + count): epoch e reads permutation(seed, e)."""
+    epochs, offsets = np.divmod(np.arange(start, start + count), split.num_windows)
+    return np.array([_epoch_order(split.num_windows, seed, int(e))[o] for e, o in zip(epochs, offsets)],
+                    dtype=np.int64)
+
+
+def micro_batch(split: TokenSplit, seed: int, position: int, micro: int, rank: int,
+                world: int, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro-batch `micro` of the global batch starting at sample `position`, for `rank`."""
+    start = position + (micro * world + rank) * micro_batch_size
+    return split.batch(train_window_ids(split, seed, start, micro_batch_size))
+
+
+def val_batches(split: TokenSplit, num_batches: int, rank: int, world: int, micro_batch_size: int):
+    """The same fixed validation windows at every evaluation, sharded across ranks."""
+    available = split.num_windows // (world * micro_batch_size)
+    if available < 1:
+        raise ConfigError(f"validation split has {split.num_windows} windows, fewer than one batch "
+                          f"of {world * micro_batch_size}")
+    for b in range(min(num_batches, available)):
+        start = (b * world + rank) * micro_batch_size
+        yield split.batch(np.arange(start, start + micro_batch_size))

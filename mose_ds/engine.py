@@ -1,0 +1,128 @@
+"""Where parallelism is applied: process groups, expert groups, optimizer groups, the engine.
+
+The model is single-device code; this module wraps it. Expert-parallel and
+expert-data-parallel groups are DeepSpeed's own (created by `MoE.set_deepspeed_parallelism`,
+as the engine itself does), expert parameters go into DeepSpeed's MoE optimizer groups,
+and the optimizer is torch AdamW with the paper's hyperparameters (appendix A.2). The
+DeepSpeed config carries engine concerns only; batch sizes, clipping and the optimizer
+come from the run config.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import deepspeed
+import torch
+from deepspeed import comm as dist
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups
+
+from . import cpu_compat
+from .config import ConfigError, OptimConfig, RunConfig
+from .model import MoSEGPT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(seed: int = 1234) -> None:
+    """Join the launcher's process group, or make a one-rank world when run without one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    on_cpu = cpu_compat.apply(seed)
+    if not on_cpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", auto_mpi_discovery=False)
+    from megatron.core import parallel_state
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+        if not on_cpu:
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+            model_parallel_cuda_manual_seed(seed)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_layout(cfg: RunConfig, world_size: int) -> None:
+    ep = cfg.moe.expert_parallel_size
+    if world_size % ep:
+        raise ConfigError(f"moe.expert_parallel_size={ep} does not divide the world size {world_size}")
+
+
+def build_model(cfg: RunConfig) -> MoSEGPT:
+    """Build, attach DeepSpeed's expert-parallel groups, and initialise (layout-independent)."""
+    check_layout(cfg, dist.get_world_size())
+    model = MoSEGPT(cfg.model, cfg.moe, bf16=cfg.engine.precision == "bf16")
+    expert_rank = 0
+    for moe in model.moe_layers():
+        moe.set_deepspeed_parallelism()
+        expert_rank = groups._get_expert_parallel_rank(moe.expert_group_name)
+    model.init_weights(cfg.train.seed, expert_rank)
+    return model
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings, not norms; then DeepSpeed's MoE split of expert params."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    base = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return split_params_into_different_moe_groups_for_optimizer(base)
+
+
+def lr_at(iteration: int, optim: OptimConfig, max_iters: int) -> float:
+    """Linear warmup over `warmup_iters`, then linear decay to `min_lr` at `max_iters`."""
+    if iteration < optim.warmup_iters:
+        return optim.lr * (iteration + 1) / (optim.warmup_iters + 1)
+    span = max(1, max_iters - optim.warmup_iters)
+    progress = min(1.0, (iteration - optim.warmup_iters) / span)
+    return optim.lr + progress * (optim.min_lr - optim.lr)
+
+
+def micro_steps_per_batch(cfg: RunConfig) -> int:
+    """DeepSpeed micro-steps per micro-batch: two when the width branches back-propagate
+    separately (`mose.two_pass: sequential`), so the engine's 1/gas scaling averages them."""
+    return 2 if cfg.mose.enabled and cfg.mose.two_pass == "sequential" else 1
+
+
+def deepspeed_config(cfg: RunConfig) -> dict:
+    e = cfg.engine
+    zero = {"stage": e.zero_stage, "overlap_comm": e.overlap_comm,
+            "reduce_bucket_size": e.reduce_bucket_size, "allgather_bucket_size": e.allgather_bucket_size}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps * micro_steps_per_batch(cfg),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": e.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        **e.extra,
+    }
+
+
+def create_engine(cfg: RunConfig, model: MoSEGPT):
+    """DeepSpeed engine with torch AdamW and the warmup/linear-decay schedule."""
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(optimizer_groups(model, o.weight_decay), lr=o.lr,
+                                  betas=(o.beta1, o.beta2), eps=o.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_at(it, o, cfg.train.max_iters) / o.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(cfg))
+    return engine

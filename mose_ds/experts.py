@@ -1,0 +1,47 @@
+"""The slimmable expert (paper section 2.2, eqs. 2 and 4).
+
+An FFN d -> H -> d whose width-w version uses only the first m(w) = ceil(w * H) hidden
+units: `W_up[:m]` and `W_down[:m]` (gate and up together for SwiGLU). Slicing, not
+masking, so a width-w expert costs about w of the full one. Weights are stored
+hidden-major ([H, D]) so every slice is a contiguous block of rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SlimmableFFN(nn.Module):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu"):
+        super().__init__()
+        if activation not in ("gelu", "swiglu"):
+            raise ValueError(f"activation {activation!r}: expected 'gelu' or 'swiglu'")
+        self.activation = activation
+        self.ffn_hidden_size = ffn_hidden_size
+        shape = (ffn_hidden_size, hidden_size)
+        if activation == "swiglu":
+            self.w_gate = nn.Parameter(torch.empty(shape))
+        self.w_up = nn.Parameter(torch.empty(shape))
+        self.w_down = nn.Parameter(torch.empty(shape))
+
+    def forward(self, x_ND: torch.Tensor, m: int) -> torch.Tensor:
+        """All N rows at one hidden size m (1 <= m <= H)."""
+        if self.activation == "swiglu":
+            h_NM = F.silu(F.linear(x_ND, self.w_gate[:m])) * F.linear(x_ND, self.w_up[:m])
+        else:
+            h_NM = F.gelu(F.linear(x_ND, self.w_up[:m]))
+        return h_NM @ self.w_down[:m]                                   # [N, D]
+
+    def forward_slots(self, x_ND: torch.Tensor, m_N: torch.Tensor) -> torch.Tensor:
+        """Each row at its own hidden size; rows with m = 0 are empty slots and stay zero.
+
+        Rows are grouped by hidden size and each group runs as one sliced FFN, so the
+        work is proportional to the sum of executed widths.
+        """
+        out_ND = torch.zeros_like(x_ND)
+        for m in torch.unique(m_N[m_N > 0]).tolist():
+            rows = (m_N == m).nonzero().squeeze(1)
+            out_ND = out_ND.index_copy(0, rows, self(x_ND.index_select(0, rows), m))
+        return out_ND

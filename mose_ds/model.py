@@ -1,0 +1,165 @@
+"""GPT-2-style MoSE decoder built from megatron-core transformer layers (paper Table 3).
+
+Blocks are megatron's local-spec `TransformerLayer` with exactly one slot swapped: the
+`mlp` of blocks `moe_offset, moe_offset + moe_every, ...` is our `SlimmableMoE`, the other
+blocks keep megatron's dense MLP. Learned absolute positions, tied input/output
+embeddings, no linear biases, no dropout (DESIGN section 3).
+
+The model is single-device code: expert-parallel groups, ZeRO and optimizer groups are
+set up in `engine.py`. Widths reach the MoE layers only through the `width_policy`
+argument of `forward`.
+
+Shape legend: B batch, S sequence, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import zlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from torch import nn
+
+from .config import ModelConfig, MoEConfig
+from .moe_layer import RoutingInfo, SlimmableMoE
+from .widths import FULL_WIDTH, WidthPolicy
+
+# Output projections get std / sqrt(2 * num_layers) (GPT-2 / nanoGPT residual scaling).
+_OUTPUT_PROJECTIONS = re.compile(r"(linear_proj\.weight|linear_fc2\.weight|\.w_down)$")
+_NORMS = re.compile(r"(layernorm|final_norm)\.(weight|bias)$")
+_EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
+
+
+def transformer_config(model: ModelConfig, bf16: bool = False) -> TransformerConfig:
+    """megatron's TransformerConfig for our blocks; every fusion off so CPU and GPU agree."""
+    swiglu = model.activation == "swiglu"
+    return TransformerConfig(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        num_attention_heads=model.num_heads, ffn_hidden_size=model.ffn_hidden_size,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        layernorm_epsilon=model.layernorm_eps,
+        gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu,
+        use_cpu_initialization=True, perform_initialization=False,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+        attention_softmax_in_fp32=True, bf16=bf16)
+
+
+class MoSETransformerLayer(TransformerLayer):
+    """megatron's TransformerLayer whose forward hands the width policy to a MoE `mlp`.
+
+    Reuses the layer's own attention, layernorm and bias-dropout-add steps; only the
+    `mlp` call differs, so the MoE can take its widths as an explicit argument and return
+    its routing information instead of hiding it on the module.
+    """
+
+    def forward(self, hidden_SBD, attention_mask, width_policy: WidthPolicy):
+        hidden_SBD, _ = self._forward_attention(hidden_SBD, attention_mask=attention_mask)
+        residual_SBD = hidden_SBD
+        x_SBD = self._forward_pre_mlp_layernorm(hidden_SBD)
+        routing = None
+        if isinstance(self.mlp, SlimmableMoE):
+            out_SBD, routing = self.mlp(x_SBD, width_policy)
+            out_with_bias = (out_SBD, None)
+        else:
+            out_with_bias = self.mlp(x_SBD)
+        return self._forward_post_mlp(out_with_bias, residual_SBD), routing
+
+
+def layer_spec(model: ModelConfig, moe: MoEConfig, index: int) -> ModuleSpec:
+    """The local spec, with our MoE in the `mlp` slot of MoE blocks."""
+    local = get_gpt_layer_local_spec()
+    submodules = local.submodules
+    if model.is_moe_layer(index):
+        moe_index = sum(model.is_moe_layer(i) for i in range(index))
+        mlp = ModuleSpec(module=SlimmableMoE, params=dict(
+            moe=moe, ffn_hidden_size=model.ffn_hidden_size, activation=model.activation,
+            layer_index=moe_index))
+        submodules = dataclasses.replace(submodules, mlp=mlp)
+    return ModuleSpec(module=MoSETransformerLayer, submodules=submodules)
+
+
+class MoSEGPT(nn.Module):
+    def __init__(self, model: ModelConfig, moe: MoEConfig, bf16: bool = False):
+        super().__init__()
+        self.cfg, self.moe_cfg = model, moe
+        tconfig = transformer_config(model, bf16)
+        D = model.hidden_size
+        self.wte = nn.Embedding(model.vocab_size, D)
+        self.wpe = nn.Embedding(model.seq_len, D)
+        self.layers = nn.ModuleList(
+            build_module(layer_spec(model, moe, i), config=tconfig, layer_number=i + 1)
+            for i in range(model.num_layers))
+        self.final_norm = nn.LayerNorm(D, eps=model.layernorm_eps)
+        self.lm_head = None if model.tie_embeddings else nn.Linear(D, model.vocab_size, bias=False)
+        # megatron convention: True = masked out.
+        causal = torch.triu(torch.ones(model.seq_len, model.seq_len, dtype=torch.bool), diagonal=1)
+        self.register_buffer("causal_mask", causal[None, None], persistent=False)
+
+    def moe_layers(self) -> list[SlimmableMoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SlimmableMoE)]
+
+    def forward(self, tokens_BS: torch.Tensor, width_policy: WidthPolicy = FULL_WIDTH
+                ) -> tuple[torch.Tensor, list[RoutingInfo]]:
+        B, S = tokens_BS.shape
+        pos_S = torch.arange(S, device=tokens_BS.device)
+        h_SBD = (self.wte(tokens_BS) + self.wpe(pos_S)).transpose(0, 1).contiguous()
+        mask = self.causal_mask[..., :S, :S]
+        routing = []
+        for layer in self.layers:
+            h_SBD, info = layer(h_SBD, mask, width_policy)
+            if info is not None:
+                routing.append(info)
+        h_BSD = self.final_norm(h_SBD).transpose(0, 1)
+        head = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h_BSD, head), routing                           # [B, S, V]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, expert_rank: int = 0) -> None:
+        """Initialise every parameter from its own generator, seeded by (seed, global name).
+
+        Experts are named by their global index (`expert_rank * local + local index`), so
+        every expert starts different, and a model built with any expert-parallel layout
+        starts from exactly the same weights.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, param in self.named_parameters():
+            match = _NORMS.search(name)
+            if match:
+                param.fill_(1.0 if match.group(2) == "weight" else 0.0)
+                continue
+            local = _EXPERT.search(name)
+            if local:
+                moe = self.get_submodule(name.split(".deepspeed_moe.")[0])
+                global_id = expert_rank * moe.num_local_experts + int(local.group(1))
+                name = name[:local.start(1)] + str(global_id) + name[local.end(1):]
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            sample = torch.empty(param.shape, dtype=torch.float32)
+            sample.normal_(0.0, out_std if _OUTPUT_PROJECTIONS.search(name) else std, generator=gen)
+            param.copy_(sample)
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32."""
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
+
+def count_parameters(model: MoSEGPT) -> dict:
+    """Total parameters and those active per token (non-expert + k of E experts per MoE layer).
+
+    For an expert-parallel model, pass one built with expert_parallel_size=1.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for moe in model.moe_layers():
+        per_expert = sum(p.numel() for p in moe.local_experts[0].parameters())
+        inactive += (moe.num_experts - moe.k) * per_expert
+    return {"params_total": total, "params_active_per_token": total - inactive}

@@ -1,0 +1,153 @@
+"""The slimmable MoE layer: DeepSpeed's MoE machinery with our gate and width-carrying slots.
+
+Paper eq. 5: y = sum_i p_i * E_i^{w_i}(x) over the top-k experts of each token.
+
+`SlimmableMoE` subclasses `deepspeed.moe.layer.MoE`, so the DeepSpeed engine recognises it:
+it creates the expert-parallel groups, puts expert parameters into MoE optimizer groups and
+writes one checkpoint file per expert. We keep DeepSpeed's `Experts` container (and with it
+the expert-parameter tags) but replace its gate and its einsum dispatch:
+
+* the gate (`Router`) is fp32, bias-free, softmax over the top-k logits, no sampling noise;
+* dispatch is index-based: each kept (token, expert) slot is copied into a flat
+  `[E * C, D]` buffer (C = capacity) together with its own hidden size m(w), both buffers
+  cross ranks with DeepSpeed's all-to-all over its expert-parallel group, every local
+  expert runs each slot at that slot's width, and the results come back and are combined
+  with `index_add`. Nothing is ever `[T, E, C]`: memory grows linearly with tokens.
+
+Shape legend: S sequence, B batch, T = S * B tokens, D model dim, E experts,
+K top-k, C capacity, R expert-parallel ranks, L local experts (E = R * L), H expert hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from deepspeed import comm as dist
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import _AllToAll
+from torch import nn
+
+from .config import MoEConfig
+from .experts import SlimmableFFN
+from .gating import (RoutingStats, assign_slots, expert_capacity, load_balance_loss, router_z_loss,
+                     routing_stats, top_k_routing)
+from .widths import WidthPolicy, hidden_units
+
+
+class Router(nn.Module):
+    """Linear router without bias, computed in fp32 whatever the training precision.
+
+    Stands in DeepSpeed's `TopKGate` slot, hence `_set_ep_group` (the engine calls it).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.ep_group = None
+
+    def _set_ep_group(self, ep_group) -> None:
+        self.ep_group = ep_group
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_TD.float(), self.weight.float())             # [T, E] fp32
+
+
+@dataclass
+class RoutingInfo:
+    """What one MoE forward returns besides its output: the auxiliary loss (with grad)
+    and detached diagnostics. Returned explicitly, never stashed on the module."""
+    aux_loss: torch.Tensor
+    stats: RoutingStats
+    mean_width: torch.Tensor
+
+
+class SlimmableMoE(MoE):
+    def __init__(self, config, moe: MoEConfig, ffn_hidden_size: int, activation: str, layer_index: int):
+        # `config` is megatron's TransformerConfig (the mlp slot is built with it).
+        super().__init__(hidden_size=config.hidden_size,
+                         expert=SlimmableFFN(config.hidden_size, ffn_hidden_size, activation),
+                         num_experts=moe.num_experts, ep_size=moe.expert_parallel_size,
+                         k=moe.top_k, capacity_factor=moe.capacity_factor,
+                         eval_capacity_factor=moe.eval_capacity_factor,
+                         min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens,
+                         use_rts=False, top2_2nd_expert_sampling=False)
+        self.deepspeed_moe.gate = Router(config.hidden_size, moe.num_experts)
+        self.moe = moe
+        self.k = moe.top_k
+        self.ffn_hidden_size = ffn_hidden_size
+        self.layer_index = layer_index   # index among MoE layers, passed to width policies
+
+    @property
+    def router(self) -> Router:
+        return self.deepspeed_moe.gate
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return self.deepspeed_moe.experts.deepspeed_experts
+
+    def forward(self, hidden_SBD: torch.Tensor, width_policy: WidthPolicy):
+        S, B, D = hidden_SBD.shape
+        x_TD = hidden_SBD.reshape(S * B, D)
+        T, E, K = S * B, self.num_experts, self.k
+
+        # 1. Route: fp32 logits, top-k, softmax over the k selected logits.
+        logits_TE = self.router(x_TD)
+        idx_TK, p_TK = top_k_routing(logits_TE, K)
+        lb = load_balance_loss(torch.softmax(logits_TE, dim=-1), idx_TK)
+        z = router_z_loss(logits_TE)
+        aux = self.moe.load_balance_coef * lb + self.moe.z_loss_coef * z
+
+        # 2. Capacity slots (top-1 choices first) and one hidden size per routed slot.
+        factor = self.moe.capacity_factor if self.training else self.moe.eval_capacity_factor
+        C = expert_capacity(T, E, K, factor, self.moe.min_capacity) if self.moe.drop_tokens else T
+        pos_TK, keep_TK = assign_slots(idx_TK, E, C)
+        w_TK = width_policy(p_TK, self.layer_index)
+        m_TK = hidden_units(w_TK, self.ffn_hidden_size)
+
+        kept_N = keep_TK.reshape(-1).nonzero().squeeze(1)               # kept slots
+        tok_N = kept_N // K
+        dest_N = (idx_TK * C + pos_TK).reshape(-1)[kept_N]              # row in [E*C]
+        p_N = p_TK.reshape(-1)[kept_N]
+
+        # 3. Dispatch: copy each kept token into its slot; the slot's width goes along.
+        x_XD = x_TD.new_zeros(E * C, D).index_copy(0, dest_N, x_TD.index_select(0, tok_N))
+        m_X = torch.zeros(E * C, dtype=torch.long, device=x_TD.device)
+        m_X = m_X.index_copy(0, dest_N, m_TK.reshape(-1)[kept_N])
+
+        y_XD = self._run_experts(x_XD, m_X, C)
+
+        # 4. Combine: out_t = sum over the token's kept slots of p * expert output.
+        y_ND = y_XD.index_select(0, dest_N) * p_N.to(y_XD.dtype).unsqueeze(1)
+        out_TD = torch.zeros_like(x_TD).index_add(0, tok_N, y_ND)
+
+        stats = routing_stats(idx_TK.detach(), keep_TK, E, lb, z)
+        mean_width = (m_TK.float() / self.ffn_hidden_size).mean()
+        return out_TD.view(S, B, D), RoutingInfo(aux, stats, mean_width)
+
+    def _run_experts(self, x_XD: torch.Tensor, m_X: torch.Tensor, C: int) -> torch.Tensor:
+        """Send slots to the ranks owning their experts, run them, and bring results back.
+
+        Rows of the `[E * C]` buffers are expert-major, so rank r's experts form the r-th
+        contiguous chunk, which is what `all_to_all_single` splits on.
+        """
+        R, L, D = self.ep_size, self.num_local_experts, x_XD.shape[-1]
+        group = self.deepspeed_moe.ep_group
+        if R > 1:
+            if group is None:
+                raise RuntimeError("expert_parallel_size > 1 but no expert-parallel group: wrap the "
+                                   "model with the DeepSpeed engine (or call set_deepspeed_parallelism)")
+            x_XD = _AllToAll.apply(group, x_XD)
+            m_recv = torch.empty_like(m_X)
+            dist.all_to_all_single(m_recv, m_X.contiguous(), group=group)
+            m_X = m_recv
+        x_RLCD = x_XD.view(R, L, C, D)                                   # rows from each source rank
+        m_RLC = m_X.view(R, L, C)
+        y_RLCD = torch.stack([
+            expert.forward_slots(x_RLCD[:, j].reshape(R * C, D), m_RLC[:, j].reshape(R * C)).view(R, C, D)
+            for j, expert in enumerate(self.local_experts)], dim=1)
+        y_XD = y_RLCD.reshape(R * L * C, D)
+        if R > 1:
+            y_XD = _AllToAll.apply(group, y_XD)
+        return y_XD

@@ -1,0 +1,52 @@
+"""TensorBoard logging on rank 0: width-wise validation curves and routing diagnostics.
+
+Scalars: `val/ppl/w0.25 ... val/ppl/w1.00` (one per evaluation width, overlaid in one
+custom-scalars chart), `train/*` for both branch losses, the sampled width, lr, grad norm
+and tokens/s, and `routing/<branch>/layer<i>/<stat>` for each MoE layer (paper appendix
+B.3 and B.5).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .gating import RoutingStats
+
+
+def width_tag(width: float) -> str:
+    return f"w{width:.2f}"
+
+
+def routing_scalars(branch: str, stats: list[RoutingStats]) -> dict[str, float]:
+    out = {}
+    for i, s in enumerate(stats):
+        prefix = f"routing/{branch}/layer{i}"
+        out.update({f"{prefix}/load_cv": s.load_cv, f"{prefix}/entropy": s.entropy,
+                    f"{prefix}/aux_loss": s.load_balance, f"{prefix}/z_loss": s.z_loss,
+                    f"{prefix}/dropped_frac": s.dropped_frac})
+    return {k: float(v) for k, v in out.items()}
+
+
+class Monitor:
+    """A SummaryWriter on rank 0; a no-op elsewhere or when TensorBoard is off."""
+
+    def __init__(self, out_dir: str, enabled: bool, eval_widths: list[float]):
+        self.writer = None
+        self.path = os.path.join(out_dir, "tensorboard")
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(self.path)
+            tags = [f"val/ppl/{width_tag(w)}" for w in eval_widths]
+            self.writer.add_custom_scalars({"MoSE": {
+                "validation perplexity by width": ["Multiline", tags],
+                "training loss by branch": ["Multiline", ["train/loss_full", "train/loss_width"]]}})
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

@@ -1,0 +1,225 @@
+"""Training entry point: the two-pass multi-width objective under the DeepSpeed engine.
+
+    deepspeed --num_gpus N -m mose_ds.train --config ds_configs/<recipe>.yaml [key=value ...]
+    python -m mose_ds.train --config ds_configs/<recipe>.yaml [key=value ...]   # one process
+
+Each step runs every micro-batch at full width and at one width w sampled uniformly from
+the grid A (seeded by the global step, so identical on every rank); the loss is the mean
+of the two branch losses, each being LM loss plus that branch's auxiliary routing losses
+(paper eq. 6). `mose.enabled: false` trains plain MoE at full width (the baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+
+import torch
+from deepspeed import comm as dist
+
+from . import checkpoint, engine as engine_lib
+from .checkpoint import CheckpointError, TrainState
+from .config import ConfigError, RunConfig, load_config, save_config
+from .data import TokenSplit, micro_batch, val_batches
+from .model import lm_loss
+from .monitor import Monitor, routing_scalars, width_tag
+from .widths import FULL_WIDTH, sample_width, uniform_policy
+
+
+def branch_loss(engine, x_BS, y_BS, policy):
+    """One forward at one width policy: (LM + aux loss, LM loss, routing infos)."""
+    logits_BSV, routing = engine(x_BS, policy)
+    lm = lm_loss(logits_BSV, y_BS)
+    aux = sum((r.aux_loss for r in routing), torch.zeros((), device=lm.device))
+    return lm + aux, lm, routing
+
+
+def train_micro_batch(engine, cfg: RunConfig, x_BS, y_BS, width: float | None) -> dict:
+    """Forward/backward of one micro-batch: full width, plus the sampled width if MoSE."""
+    branches = [("full", FULL_WIDTH)]
+    if width is not None:
+        branches.append(("width", uniform_policy(width)))
+    if cfg.mose.two_pass == "sequential" and width is not None:
+        # Two DeepSpeed micro-steps on the same batch; the engine's 1/gas scaling
+        # (gas doubled in engine.deepspeed_config) makes their sum the branch mean.
+        results = []
+        for _, policy in branches:
+            loss, lm, routing = branch_loss(engine, x_BS, y_BS, policy)
+            engine.backward(loss)
+            engine.step()
+            results.append((lm, routing))
+    else:
+        outs = [branch_loss(engine, x_BS, y_BS, policy) for _, policy in branches]
+        engine.backward(sum(o[0] for o in outs) / len(outs))
+        engine.step()
+        results = [(lm, routing) for _, lm, routing in outs]
+    return {name: (lm.item(), [r.stats for r in routing]) for (name, _), (lm, routing) in zip(branches, results)}
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: RunConfig, split: TokenSplit) -> dict[float, float]:
+    """Validation perplexity at each `mose.eval_widths` (uniform width), averaged over ranks."""
+    engine.eval()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for width in cfg.mose.eval_widths:
+        total = torch.zeros(2, dtype=torch.float64)
+        for x, y in val_batches(split, cfg.train.eval_batches, rank, world, cfg.train.micro_batch_size):
+            logits, _ = engine(x.to(engine.device), uniform_policy(width))
+            total += torch.tensor([lm_loss(logits, y.to(engine.device)).item(), 1.0], dtype=torch.float64)
+        dist.all_reduce(total)
+        out[width] = math.exp(total[0].item() / total[1].item())
+    engine.train()
+    return out
+
+
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def train(cfg: RunConfig, quiet: bool = False) -> dict:
+    """Run (or resume) training to `train.max_iters`; returns losses and the last validation."""
+    engine_lib.init_distributed(cfg.train.seed)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    say = (lambda *a: None) if quiet or rank else (lambda *a: print(*a, flush=True))
+    engine_lib.check_layout(cfg, world)
+    # Everything that can be refused is checked before anything is written.
+    train_split = TokenSplit(cfg.data.path, "train", cfg.model.seq_len, cfg.model.vocab_size)
+    val_split = TokenSplit(cfg.data.path, "val", cfg.model.seq_len, cfg.model.vocab_size)
+    resume = checkpoint.find_resume(cfg)
+    if resume:
+        checkpoint.check_architecture(cfg, resume)
+
+    torch.manual_seed(cfg.train.seed + rank)
+    model = engine_lib.build_model(cfg)
+    engine = engine_lib.create_engine(cfg, model)
+    state = checkpoint.load(engine, resume) if resume else TrainState()
+    if resume:
+        say(f"resumed from {resume} at iteration {state.iteration}")
+    if rank == 0:
+        save_config(cfg, os.path.join(cfg.logging.out_dir, "config.yaml"))
+    monitor = Monitor(cfg.logging.out_dir, cfg.logging.tensorboard and rank == 0, cfg.mose.eval_widths)
+
+    t, mb, ga = cfg.train, cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    global_batch = mb * ga * world
+    tokens_per_iter = global_batch * cfg.model.seq_len
+    grid = cfg.mose.grid
+    history, val = [], {}
+    say(f"training {cfg.model.name}: {t.max_iters} iterations of {global_batch} x {cfg.model.seq_len} tokens "
+        f"on {world} rank(s), mode={'MoSE two-pass' if cfg.mose.enabled else 'MoE full width'}, "
+        f"ZeRO-{cfg.engine.zero_stage}, {cfg.engine.precision}, EP={cfg.moe.expert_parallel_size}")
+    start = last = time.time()
+    first_iter = state.iteration
+    end = min(t.max_iters, t.stop_at) if t.stop_at else t.max_iters
+    while state.iteration < end:
+        width = sample_width(grid, state.iteration, t.seed) if cfg.mose.enabled else None
+        lr = engine.get_lr()[0]
+        sums = {"loss_full": 0.0, "loss_width": 0.0}
+        for micro in range(ga):
+            x, y = micro_batch(train_split, t.seed, state.data_position, micro, rank, world, mb)
+            result = train_micro_batch(engine, cfg, x.to(engine.device), y.to(engine.device), width)
+            for name, (loss, _) in result.items():
+                sums[f"loss_{name}"] += loss / ga
+        state.iteration += 1
+        state.data_position += global_batch
+        history.append({"iteration": state.iteration, "width": width, **sums})
+
+        if state.iteration % t.log_interval == 0 or state.iteration == end:
+            now = time.time()
+            rate = tokens_per_iter * (t.log_interval if state.iteration % t.log_interval == 0 else 1) / max(now - last, 1e-9)
+            last = now
+            done = state.iteration - first_iter
+            eta = (now - start) / done * (end - state.iteration)
+            gnorm = engine.get_global_grad_norm()
+            scalars = {"train/loss_full": sums["loss_full"], "train/lr": lr, "train/tokens_per_s": rate}
+            if gnorm is not None:   # DeepSpeed reports it under ZeRO-1/2 and bf16, not ZeRO-0 fp32
+                scalars["train/grad_norm"] = float(gnorm)
+            text = f"loss {sums['loss_full']:.4f} (w=1.00)"
+            if width is not None:
+                scalars.update({"train/loss_width": sums["loss_width"], "train/width": width})
+                text += f" {sums['loss_width']:.4f} (w={width:.2f})"
+            for name, (_, stats) in result.items():
+                scalars.update(routing_scalars(name, stats))
+            monitor.scalars(scalars, state.iteration)
+            norm = f"gnorm {float(gnorm):.3f} | " if gnorm is not None else ""
+            say(f"iter {state.iteration}/{t.max_iters} | {text} | lr {lr:.2e} | {norm}"
+                f"{rate:,.0f} tok/s | eta {_fmt_time(eta)}")
+
+        if state.iteration % t.eval_interval == 0 or state.iteration == t.max_iters:
+            val = evaluate(engine, cfg, val_split)
+            monitor.scalars({f"val/ppl/{width_tag(w)}": p for w, p in val.items()}, state.iteration)
+            say("val ppl | " + " | ".join(f"w={w:.2f}: {p:.2f}" for w, p in val.items()))
+
+        if state.iteration % cfg.checkpoint.interval == 0 or (
+                state.iteration == end and (cfg.checkpoint.save_final or end < t.max_iters)):
+            folder = checkpoint.save(engine, cfg, state)
+            say(f"checkpoint -> {folder}")
+
+    if not val and state.iteration == t.max_iters:   # resumed a finished run: report where it stands
+        val = evaluate(engine, cfg, val_split)
+    monitor.close()
+    summary = {"history": history, "val": val, "state": state, "engine": engine}
+    if rank == 0 and not quiet:
+        print_summary(cfg, val, monitor.path)
+    return summary
+
+
+def print_summary(cfg: RunConfig, val: dict[float, float], tb_path: str) -> None:
+    if not val:
+        print("\nno validation yet (stopped before the first eval_interval)")
+    else:
+        print("\n  width | val ppl\n  ------+--------")
+    for w, p in val.items():
+        print(f"  {w:5.2f} | {p:8.2f}")
+    print(f"\nTensorBoard logs: {os.path.abspath(tb_path)}   (tensorboard --logdir {tb_path})")
+    print(f"Checkpoints:      {os.path.abspath(cfg.checkpoint_dir)}")
+    print(f"Resolved config:  {os.path.abspath(os.path.join(cfg.logging.out_dir, 'config.yaml'))}")
+
+
+def quiet_libraries() -> None:
+    """Silence import-time and per-layer chatter from megatron and DeepSpeed."""
+    import logging
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("megatron", "megatron.core", "megatron.core.transformer.transformer_layer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    from deepspeed.utils import logger as ds_logger
+    ds_logger.setLevel(logging.WARNING)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="mose_ds.train", description="Train a MoSE model with DeepSpeed.")
+    p.add_argument("--config", required=True, help="YAML recipe (ds_configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=100")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_libraries()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except (ConfigError, CheckpointError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

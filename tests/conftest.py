@@ -1,0 +1,68 @@
+"""Shared fixtures: a one-rank world, tiny configs (hidden 32, 2-4 layers, 4 experts) and a
+small prepared corpus made from the shipped text."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mose_ds.config import from_dict  # noqa: E402
+from mose_ds.train import quiet_libraries  # noqa: E402
+
+quiet_libraries()
+
+TINY = {
+    "model": {"name": "test-tiny", "num_layers": 2, "num_heads": 2, "hidden_size": 32,
+              "vocab_size": 4096, "seq_len": 32},
+    "moe": {"num_experts": 4, "top_k": 2},
+    "optim": {"warmup_iters": 2},
+    "train": {"micro_batch_size": 4, "grad_accum_steps": 1, "max_iters": 5, "eval_interval": 1000,
+              "eval_batches": 2, "log_interval": 1000},
+    "engine": {"zero_stage": 0, "precision": "fp32"},
+    "logging": {"tensorboard": False},
+}
+
+
+def clean_env() -> dict:
+    """The environment for a child process, without the one-rank world of this process."""
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in launcher}
+
+
+def tiny_raw(**sections) -> dict:
+    """The tiny recipe as a raw dict, with per-section overrides merged in."""
+    raw = {k: dict(v) for k, v in TINY.items()}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def tiny_config(**sections):
+    return from_dict(tiny_raw(**sections))
+
+
+@pytest.fixture(scope="session")
+def world():
+    """A one-rank gloo world with megatron's model-parallel state, shared by in-process tests."""
+    from mose_ds import engine
+    engine.init_distributed()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    """The first ~80 KB of the shipped corpus, prepared with a compact vocabulary (< 4096)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    text = folder / "text.txt"
+    with open(os.path.join(ROOT, "corpus", "tinyshakespeare.txt")) as f:
+        text.write_text(f.read(80_000))
+    out = folder / "prepared"
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prepare_data.py"), "--input", str(text),
+                    "--out", str(out), "--compact-vocab"], check=True, capture_output=True, env=clean_env())
+    return str(out)

@@ -1,0 +1,89 @@
+import pytest
+import yaml
+
+from conftest import tiny_raw
+from mose_ds.config import ConfigError, apply_overrides, from_dict, load_config
+
+
+def write(tmp_path, raw):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    path = write(tmp_path, tiny_raw(moe={"topk": 2}))
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: unknown key 'moe\.topk' \(did you mean 'moe\.top_k'\?\)"):
+        load_config(path)
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown section 'optimiser'"):
+        load_config(write(tmp_path, {**tiny_raw(), "optimiser": {}}))
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"train\.max_iters: expected int, got 'ten'"):
+        from_dict(tiny_raw(train={"max_iters": "ten"}))
+
+
+def test_top_k_above_num_experts_is_refused():
+    with pytest.raises(ConfigError, match=r"moe\.top_k=5 exceeds moe\.num_experts=4"):
+        from_dict(tiny_raw(moe={"num_experts": 4, "top_k": 5}))
+
+
+@pytest.mark.parametrize("section,key,value", [("mose", "width_min", 0.0), ("mose", "width_max", 1.5),
+                                               ("mose", "eval_widths", [0.5, 1.2])])
+def test_widths_outside_unit_interval_are_refused(section, key, value):
+    with pytest.raises(ConfigError, match=r"outside \(0, 1\]"):
+        from_dict(tiny_raw(**{section: {key: value}}))
+
+
+@pytest.mark.parametrize("key", ["capacity_factor", "eval_capacity_factor"])
+def test_non_positive_capacity_factor_is_refused(key):
+    with pytest.raises(ConfigError, match=rf"moe\.{key}=0.0 must be positive"):
+        from_dict(tiny_raw(moe={key: 0.0}))
+
+
+def test_experts_not_divisible_by_expert_parallel_size():
+    with pytest.raises(ConfigError, match=r"moe\.num_experts=4 is not divisible by moe\.expert_parallel_size=3"):
+        from_dict(tiny_raw(moe={"expert_parallel_size": 3}))
+
+
+def test_capacity_defaults_follow_k():
+    assert (from_dict(tiny_raw(moe={"top_k": 2})).moe.capacity_factor,
+            from_dict(tiny_raw(moe={"top_k": 2})).moe.eval_capacity_factor) == (1.25, 2.0)
+    k4 = from_dict(tiny_raw(moe={"num_experts": 8, "top_k": 4})).moe
+    assert (k4.capacity_factor, k4.eval_capacity_factor) == (1.75, 3.0)
+
+
+def test_dotted_overrides_are_parsed_as_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, tiny_raw()), ["train.max_iters=77", "mose.eval_widths=[0.5, 1.0]",
+                                                     "engine.precision=bf16"])
+    assert cfg.train.max_iters == 77 and cfg.mose.eval_widths == [0.5, 1.0] and cfg.engine.precision == "bf16"
+
+
+def test_override_with_unknown_section_is_refused():
+    with pytest.raises(ConfigError, match="unknown section 'trian'"):
+        apply_overrides({}, ["trian.max_iters=3"])
+
+
+def test_width_grid_is_the_paper_grid():
+    grid = from_dict(tiny_raw()).mose.grid
+    assert len(grid) == 16 and grid[0] == 0.25 and grid[-1] == 1.0
+    assert all(abs(b - a - 0.05) < 1e-9 for a, b in zip(grid, grid[1:]))
+
+
+def test_engine_extra_cannot_set_run_owned_keys():
+    with pytest.raises(ConfigError, match=r"engine\.extra\.train_batch_size"):
+        from_dict(tiny_raw(engine={"extra": {"train_batch_size": 8}}))
+
+
+def test_every_shipped_recipe_loads():
+    import glob
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recipes = glob.glob(os.path.join(root, "ds_configs", "*.yaml"))
+    assert len(recipes) >= 10
+    for path in recipes:
+        load_config(path)

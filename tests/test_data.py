@@ -1,0 +1,80 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, clean_env
+from mose_ds.config import ConfigError
+from mose_ds.data import TokenSplit, micro_batch, train_window_ids
+from mose_ds.tokenizer import EOT_ID, gpt2
+
+PREPARE = os.path.join(ROOT, "tools", "prepare_data.py")
+
+
+def run_prepare(*args):
+    return subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True, env=clean_env())
+
+
+def test_gpt2_tokenizer_works_offline_with_gpt2_ids():
+    enc = gpt2()
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.n_vocab == 50257 and enc.encode("<|endoftext|>", allowed_special="all") == [EOT_ID]
+    assert enc.decode(enc.encode_ordinary("Slimmable experts, 0.25x!")) == "Slimmable experts, 0.25x!"
+
+
+def test_prepare_folder_of_documents(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(10):
+        (docs / f"{i}.txt").write_text(f"Document number {i}. " * 20)
+    out = tmp_path / "out"
+    result = run_prepare("--input", str(docs), "--out", str(out), "--val-fraction", "0.2")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    train = np.memmap(out / "train.bin", dtype=np.uint16, mode="r")
+    val = np.memmap(out / "val.bin", dtype=np.uint16, mode="r")
+    assert meta["documents"] == 10 and len(train) == meta["train_tokens"] and len(val) == meta["val_tokens"]
+    assert (train == EOT_ID).sum() == 8 and (val == EOT_ID).sum() == 2   # split at a document boundary
+    assert gpt2().decode(list(val[:-1][: (val == EOT_ID).argmax()])).startswith("Document number 8.")
+
+
+def test_compact_vocab_maps_back_to_gpt2_ids(corpus):
+    meta = json.load(open(os.path.join(corpus, "meta.json")))
+    used = np.load(os.path.join(corpus, "vocab.npy"))
+    train = np.memmap(os.path.join(corpus, "train.bin"), dtype=np.uint16, mode="r")
+    assert meta["vocab_size"] == len(used) < 4096 and train.max() < len(used)
+    assert gpt2().decode(used[train[:20]].tolist()).startswith("First Citizen")
+
+
+def test_prepare_refuses_to_overwrite_and_missing_input(tmp_path, corpus):
+    before = os.path.getmtime(os.path.join(corpus, "train.bin"))
+    result = run_prepare("--input", os.path.join(ROOT, "corpus", "tinyshakespeare.txt"), "--out", corpus)
+    assert result.returncode == 2 and "already holds prepared data" in result.stderr
+    assert os.path.getmtime(os.path.join(corpus, "train.bin")) == before
+    result = run_prepare("--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "nope.txt: no such file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_batches_are_deterministic_and_cover_each_epoch(corpus):
+    split = TokenSplit(corpus, "train", 32, 4096)
+    n = split.num_windows
+    epoch0 = train_window_ids(split, seed=3, start=0, count=n)
+    assert sorted(epoch0.tolist()) == list(range(n))
+    assert not np.array_equal(epoch0, train_window_ids(split, seed=3, start=n, count=n))
+    x1, y1 = micro_batch(split, 3, position=40, micro=1, rank=1, world=2, micro_batch_size=4)
+    x2, y2 = micro_batch(split, 3, position=40, micro=1, rank=1, world=2, micro_batch_size=4)
+    assert x1.shape == (4, 32) and (x1 == x2).all() and (x1[:, 1:] == y1[:, :-1]).all()
+
+
+def test_missing_data_path_names_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.path: no such directory: .*missing_dir"):
+        TokenSplit(str(tmp_path / "missing_dir"), "train", 32, 4096)
+
+
+def test_vocab_larger_than_model_is_refused(corpus):
+    with pytest.raises(ConfigError, match=r"exceeds model\.vocab_size=100"):
+        TokenSplit(corpus, "train", 32, 100)

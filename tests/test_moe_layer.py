@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from conftest import tiny_config
+from mose_ds.gating import top_k_routing
+from mose_ds.model import transformer_config
+from mose_ds.moe_layer import SlimmableMoE
+from mose_ds.widths import hidden_units, uniform_policy
+
+
+def build_moe(world, activation="gelu", **moe):
+    cfg = tiny_config(moe={"capacity_factor": 8.0, "eval_capacity_factor": 8.0, **moe},
+                      model={"activation": activation})
+    layer = SlimmableMoE(transformer_config(cfg.model), cfg.moe, cfg.model.ffn_hidden_size,
+                         activation, layer_index=0)
+    layer.set_deepspeed_parallelism()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return layer
+
+
+def reference_moe(layer, x_TD, policy):
+    """y_t = sum over the token's top-k experts of p_i * E_i^{w_i}(x_t), one token at a time."""
+    idx, p = top_k_routing(layer.router(x_TD), layer.k)
+    m = hidden_units(policy(p, 0), layer.ffn_hidden_size)
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for j in range(layer.k):
+            expert = layer.local_experts[int(idx[t, j])]
+            out[t] += p[t, j] * expert(x_TD[t:t + 1], int(m[t, j]))[0]
+    return out
+
+
+def router_prob_policy(p_TK, layer):
+    """Per-slot widths that differ token by token (here: the router weight itself)."""
+    return p_TK.clamp(0.05, 1.0)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("policy", [uniform_policy(1.0), uniform_policy(0.5), router_prob_policy],
+                         ids=["full", "uniform0.5", "per-token"])
+def test_moe_equals_per_token_reference_loop_without_drops(world, activation, policy):
+    layer = build_moe(world, activation)
+    x_SBD = torch.randn(6, 3, 32)
+    out, info = layer(x_SBD, policy)
+    assert info.stats.dropped_frac == 0
+    torch.testing.assert_close(out.view(-1, 32), reference_moe(layer, x_SBD.view(-1, 32), policy))
+
+
+def test_gradients_match_reference_loop(world):
+    layer = build_moe(world)
+    x = torch.randn(5, 2, 32)
+    out, _ = layer(x, router_prob_policy)
+    out.square().sum().backward()
+    got = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    reference_moe(layer, x.view(-1, 32), router_prob_policy).square().sum().backward()
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, msg=name)
+
+
+def test_overflowing_choices_are_dropped_and_keep_only_the_residual(world):
+    layer = build_moe(world, capacity_factor=0.01, eval_capacity_factor=0.01, min_capacity=1)
+    layer.eval()
+    x = torch.randn(8, 2, 32)
+    out, info = layer(x, uniform_policy(1.0))
+    # capacity 1 per expert: at most 4 of the 32 routed choices survive
+    assert info.stats.dropped_frac >= 1 - 4 / 32
+    idx, _ = top_k_routing(layer.router(x.view(-1, 32)), 2)
+    assert (out.view(-1, 32).abs().sum(-1) > 0).sum() <= 4
+
+
+def test_eval_forward_is_deterministic(world):
+    layer = build_moe(world)
+    layer.eval()
+    x = torch.randn(4, 2, 32)
+    a, _ = layer(x, uniform_policy(0.75))
+    b, _ = layer(x, uniform_policy(0.75))
+    assert torch.equal(a, b)
+
+
+def test_narrower_width_changes_output(world):
+    layer = build_moe(world)
+    x = torch.randn(4, 2, 32)
+    assert not torch.allclose(layer(x, uniform_policy(1.0))[0], layer(x, uniform_policy(0.25))[0])
+
+
+def test_layer_is_a_deepspeed_moe_with_tagged_expert_params(world):
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.utils import is_moe_param
+    layer = build_moe(world)
+    assert isinstance(layer, MoE)
+    experts = {n for n, p in layer.named_parameters() if is_moe_param(p)}
+    assert experts and all("deepspeed_experts" in n for n in experts)
+    assert not is_moe_param(layer.router.weight)

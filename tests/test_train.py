@@ -1,0 +1,146 @@
+"""Engine-level behaviour of training, in one process (one gloo rank)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, clean_env, tiny_config, tiny_raw
+from mose_ds.checkpoint import CheckpointError
+from mose_ds.train import train
+
+
+def run(tmp_path, corpus, name, **sections):
+    sections.setdefault("data", {})["path"] = corpus
+    sections.setdefault("logging", {}).update(out_dir=str(tmp_path / name))
+    cfg = tiny_config(**sections)
+    return cfg, train(cfg, quiet=True)
+
+
+def weights(summary):
+    return {k: v.detach().clone() for k, v in summary["engine"].module.named_parameters()}
+
+
+def losses(summary):
+    return [(h["loss_full"], h["loss_width"]) for h in summary["history"]]
+
+
+def test_zero_stages_give_the_same_loss_trajectory(tmp_path, corpus):
+    runs = {stage: losses(run(tmp_path, corpus, f"z{stage}", engine={"zero_stage": stage})[1])
+            for stage in (0, 1, 2)}
+    assert len(runs[0]) == 5
+    for stage in (1, 2):
+        torch.testing.assert_close(torch.tensor(runs[stage]), torch.tensor(runs[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_two_pass_joint_and_sequential_give_the_same_weights(tmp_path, corpus):
+    joint = weights(run(tmp_path, corpus, "joint", mose={"two_pass": "joint"}, train={"max_iters": 3})[1])
+    seq = weights(run(tmp_path, corpus, "seq", mose={"two_pass": "sequential"}, train={"max_iters": 3})[1])
+    for name in joint:
+        torch.testing.assert_close(seq[name], joint[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_continues_exactly(tmp_path, corpus):
+    common = dict(train={"max_iters": 6, "grad_accum_steps": 2}, checkpoint={"interval": 100})
+    straight = run(tmp_path, corpus, "straight", **common)[1]
+    _, first = run(tmp_path, corpus, "resumed", train={**common["train"], "stop_at": 4},
+                   checkpoint=common["checkpoint"])
+    assert first["state"].iteration == 4
+    _, second = run(tmp_path, corpus, "resumed", **common)
+    assert second["state"].iteration == 6 and second["state"].data_position == straight["state"].data_position
+    assert [h["iteration"] for h in second["history"]] == [5, 6]
+    assert losses(second) == losses(straight)[4:]
+    a, b = weights(straight), weights(second)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    opt_a = straight["engine"].optimizer.state_dict()
+    opt_b = second["engine"].optimizer.state_dict()
+    assert str(opt_a["state"].keys()) == str(opt_b["state"].keys())
+
+
+def test_checkpoint_holds_config_rng_and_expert_files(tmp_path, corpus):
+    cfg, _ = run(tmp_path, corpus, "files", train={"max_iters": 2})
+    folder = os.path.join(cfg.checkpoint_dir, "iter_00000002")
+    files = os.listdir(folder)
+    assert "config.yaml" in files and "rng_state_rank0.pt" in files
+    assert sum(f.startswith("layer_") and "_expert_" in f for f in files) == 4   # 1 MoE layer x 4 experts
+    assert open(os.path.join(cfg.checkpoint_dir, "latest")).read() == "iter_00000002"
+    assert yaml.safe_load(open(os.path.join(folder, "config.yaml")))["model"]["hidden_size"] == 32
+    assert os.path.exists(os.path.join(cfg.logging.out_dir, "config.yaml"))
+
+
+def test_resume_with_a_different_architecture_is_refused(tmp_path, corpus):
+    run(tmp_path, corpus, "arch", train={"max_iters": 1})
+    with pytest.raises(CheckpointError, match=r"different architecture \(hidden_size: checkpoint 32 vs config 64\)"):
+        run(tmp_path, corpus, "arch", train={"max_iters": 2}, model={"hidden_size": 64})
+
+
+def test_plain_moe_baseline_trains_at_full_width_only(tmp_path, corpus):
+    _, summary = run(tmp_path, corpus, "moe", mose={"enabled": False}, train={"max_iters": 2})
+    assert [h["width"] for h in summary["history"]] == [None, None]
+    assert all(h["loss_width"] == 0.0 and h["loss_full"] > 0 for h in summary["history"])
+
+
+def test_tensorboard_has_width_curves_layout_and_routing(tmp_path, corpus):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg, _ = run(tmp_path, corpus, "tb", train={"max_iters": 2, "eval_interval": 1, "log_interval": 1},
+                 logging={"tensorboard": True}, engine={"zero_stage": 1})
+    acc = EventAccumulator(os.path.join(cfg.logging.out_dir, "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for w in ("w0.25", "w0.50", "w0.75", "w1.00"):
+        assert f"val/ppl/{w}" in tags and len(acc.Scalars(f"val/ppl/{w}")) == 2
+    for tag in ("train/loss_full", "train/loss_width", "train/width", "train/lr", "train/grad_norm",
+                "train/tokens_per_s", "routing/full/layer0/load_cv", "routing/width/layer0/entropy",
+                "routing/width/layer0/aux_loss", "routing/full/layer0/z_loss", "routing/full/layer0/dropped_frac"):
+        assert tag in tags, tag
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["validation perplexity by width"] == [f"val/ppl/w{w}" for w in ("0.25", "0.50", "0.75", "1.00")]
+
+
+# ----------------------------------------------------------------- bad input through the CLI
+
+def cli(tmp_path, raw, *overrides):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return subprocess.run([sys.executable, "-m", "mose_ds.train", "--config", str(path), *overrides],
+                          capture_output=True, text=True, cwd=ROOT, env=clean_env())
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_cli_bad_inputs_give_one_line_errors_and_touch_nothing(tmp_path, corpus):
+    out = tmp_path / "run"
+    raw = tiny_raw(data={"path": corpus}, logging={"out_dir": str(out), "tensorboard": False},
+                   train={"max_iters": 1})
+    assert cli(tmp_path, raw).returncode == 0
+    snapshot = {p: os.path.getmtime(p) for p in out.rglob("*")}
+
+    assert_one_line_error(cli(tmp_path, raw, "moe.topk=2"), "unknown key 'moe.topk'", "recipe.yaml")
+    assert_one_line_error(cli(tmp_path, raw, "moe.top_k=5"), "moe.top_k=5 exceeds moe.num_experts=4")
+    assert_one_line_error(cli(tmp_path, raw, "mose.width_min=0"), "mose.width_min", "outside (0, 1]")
+    assert_one_line_error(cli(tmp_path, raw, "moe.capacity_factor=-1"), "moe.capacity_factor=-1.0 must be positive")
+    assert_one_line_error(cli(tmp_path, raw, "moe.expert_parallel_size=3"), "not divisible by moe.expert_parallel_size=3")
+    assert_one_line_error(cli(tmp_path, raw, f"data.path={tmp_path / 'nodata'}"), "nodata")
+    assert_one_line_error(cli(tmp_path, raw, "model.num_layers=4", "train.max_iters=2"), "different architecture",
+                          "num_layers")
+    assert_one_line_error(cli(tmp_path, raw, "moe.expert_parallel_size=2"), "expert_parallel_size=2",
+                          "world size 1")
+    assert_one_line_error(cli(tmp_path, raw, f"checkpoint.resume={tmp_path / 'nockpt'}"), "nockpt")
+    # a damaged checkpoint file
+    model_states = next(out.rglob("mp_rank_00_model_states.pt"))
+    model_states.write_bytes(b"not a checkpoint")
+    snapshot[model_states] = os.path.getmtime(model_states)
+    assert_one_line_error(cli(tmp_path, raw, "train.max_iters=2"), "could not be loaded")
+    assert {p: os.path.getmtime(p) for p in out.rglob("*")} == snapshot
