@@ -40,8 +40,20 @@ class SlimmableFFN(nn.Module):
         Rows are grouped by hidden size and each group runs as one sliced FFN, so the
         work is proportional to the sum of executed widths.
         """
-        out_ND = torch.zeros_like(x_ND)
-        for m in torch.unique(m_N[m_N > 0]).tolist():
+        N = x_ND.shape[0]
+        sizes = torch.unique(m_N[m_N > 0]).tolist()
+        if sizes and len(sizes) == 1 and int(m_N.min()) > 0:
+            return self(x_ND, sizes[0])                                 # every row, one width
+        out_ND = None
+        for m in sizes:
             rows = (m_N == m).nonzero().squeeze(1)
+            n = rows.numel()
+            if out_ND is None and int(rows[-1]) == n - 1:
+                # The common case (one width, slots filled from position 0): a contiguous
+                # prefix, so slice and pad instead of gathering and scattering.
+                out_ND = F.pad(self(x_ND[:n], m), (0, 0, 0, N - n))
+                continue
+            if out_ND is None:
+                out_ND = torch.zeros_like(x_ND)
             out_ND = out_ND.index_copy(0, rows, self(x_ND.index_select(0, rows), m))
-        return out_ND
+        return torch.zeros_like(x_ND) if out_ND is None else out_ND

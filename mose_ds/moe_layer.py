@@ -8,11 +8,12 @@ writes one checkpoint file per expert. We keep DeepSpeed's `Experts` container (
 the expert-parameter tags) but replace its gate and its einsum dispatch:
 
 * the gate (`Router`) is fp32, bias-free, softmax over the top-k logits, no sampling noise;
-* dispatch is index-based: each kept (token, expert) slot is copied into a flat
-  `[E * C, D]` buffer (C = capacity) together with its own hidden size m(w), both buffers
-  cross ranks with DeepSpeed's all-to-all over its expert-parallel group, every local
-  expert runs each slot at that slot's width, and the results come back and are combined
-  with `index_add`. Nothing is ever `[T, E, C]`: memory grows linearly with tokens.
+* dispatch is index-based: kept (token, expert) slots are gathered in expert-major order,
+  each with its own hidden size m(w). On one rank every expert runs its contiguous segment;
+  with expert parallelism the slots are packed into flat `[E * C, D]` capacity blocks that
+  cross ranks, with their hidden sizes, through DeepSpeed's all-to-all over its
+  expert-parallel group. Results are combined with `index_add`. Nothing is ever
+  `[T, E, C]`: memory grows linearly with tokens.
 
 Shape legend: S sequence, B batch, T = S * B tokens, D model dim, E experts,
 K top-k, C capacity, R expert-parallel ranks, L local experts (E = R * L), H expert hidden.
@@ -106,48 +107,54 @@ class SlimmableMoE(MoE):
         w_TK = width_policy(p_TK, self.layer_index)
         m_TK = hidden_units(w_TK, self.ffn_hidden_size)
 
-        kept_N = keep_TK.reshape(-1).nonzero().squeeze(1)               # kept slots
-        tok_N = kept_N // K
-        dest_N = (idx_TK * C + pos_TK).reshape(-1)[kept_N]              # row in [E*C]
-        p_N = p_TK.reshape(-1)[kept_N]
+        # 3. Kept slots in expert-major order (positions keep priority order inside an expert).
+        kept_N = keep_TK.reshape(-1).nonzero().squeeze(1)
+        dest_N = (idx_TK * C + pos_TK).reshape(-1)[kept_N]              # row in an [E*C] buffer
+        order_N = torch.argsort(dest_N)
+        slot_S = kept_N[order_N]
+        tok_S, dest_S = slot_S // K, dest_N[order_N]
+        p_S, m_S = p_TK.reshape(-1)[slot_S], m_TK.reshape(-1)[slot_S]
+        x_SD = x_TD.index_select(0, tok_S)
 
-        # 3. Dispatch: copy each kept token into its slot; the slot's width goes along.
-        x_XD = x_TD.new_zeros(E * C, D).index_copy(0, dest_N, x_TD.index_select(0, tok_N))
-        m_X = torch.zeros(E * C, dtype=torch.long, device=x_TD.device)
-        m_X = m_X.index_copy(0, dest_N, m_TK.reshape(-1)[kept_N])
+        # 4. Experts, on this rank or across the expert-parallel group.
+        if self.ep_size == 1:
+            counts = torch.bincount(idx_TK.reshape(-1)[slot_S], minlength=E).tolist()
+            y_SD = torch.cat([expert.forward_slots(x, m) for expert, x, m in
+                              zip(self.local_experts, x_SD.split(counts), m_S.split(counts))])
+        else:
+            y_SD = self._run_expert_parallel(x_SD, m_S, dest_S, C)
 
-        y_XD = self._run_experts(x_XD, m_X, C)
-
-        # 4. Combine: out_t = sum over the token's kept slots of p * expert output.
-        y_ND = y_XD.index_select(0, dest_N) * p_N.to(y_XD.dtype).unsqueeze(1)
-        out_TD = torch.zeros_like(x_TD).index_add(0, tok_N, y_ND)
+        # 5. Combine: out_t = sum over the token's kept slots of p * expert output.
+        y_SD = y_SD * p_S.to(y_SD.dtype).unsqueeze(1)
+        out_TD = torch.zeros_like(x_TD).index_add(0, tok_S, y_SD)
 
         stats = routing_stats(idx_TK.detach(), keep_TK, E, lb, z)
         mean_width = (m_TK.float() / self.ffn_hidden_size).mean()
         return out_TD.view(S, B, D), RoutingInfo(aux, stats, mean_width)
 
-    def _run_experts(self, x_XD: torch.Tensor, m_X: torch.Tensor, C: int) -> torch.Tensor:
-        """Send slots to the ranks owning their experts, run them, and bring results back.
+    def _run_expert_parallel(self, x_SD: torch.Tensor, m_S: torch.Tensor, dest_S: torch.Tensor,
+                             C: int) -> torch.Tensor:
+        """Pack slots into `[E * C]` capacity blocks, all-to-all them (with their hidden sizes)
+        to the ranks owning their experts, run them, and bring results back in slot order.
 
-        Rows of the `[E * C]` buffers are expert-major, so rank r's experts form the r-th
-        contiguous chunk, which is what `all_to_all_single` splits on.
+        Rows are expert-major, so rank r's experts form the r-th contiguous chunk, which is
+        what DeepSpeed's all-to-all splits on.
         """
-        R, L, D = self.ep_size, self.num_local_experts, x_XD.shape[-1]
+        R, L, D = self.ep_size, self.num_local_experts, x_SD.shape[-1]
         group = self.deepspeed_moe.ep_group
-        if R > 1:
-            if group is None:
-                raise RuntimeError("expert_parallel_size > 1 but no expert-parallel group: wrap the "
-                                   "model with the DeepSpeed engine (or call set_deepspeed_parallelism)")
-            x_XD = _AllToAll.apply(group, x_XD)
-            m_recv = torch.empty_like(m_X)
-            dist.all_to_all_single(m_recv, m_X.contiguous(), group=group)
-            m_X = m_recv
-        x_RLCD = x_XD.view(R, L, C, D)                                   # rows from each source rank
-        m_RLC = m_X.view(R, L, C)
+        if group is None:
+            raise RuntimeError("expert_parallel_size > 1 but no expert-parallel group: wrap the "
+                               "model with the DeepSpeed engine (or call set_deepspeed_parallelism)")
+        x_XD = x_SD.new_zeros(R * L * C, D).index_copy(0, dest_S, x_SD)
+        m_X = torch.zeros(R * L * C, dtype=torch.long, device=x_SD.device).index_copy(0, dest_S, m_S)
+        x_XD = _AllToAll.apply(group, x_XD)
+        m_recv = torch.empty_like(m_X)
+        dist.all_to_all_single(m_recv, m_X, group=group)
+        # unbind (not x[:, j]) so that backward stacks once instead of zero-filling per expert
+        x_L = x_XD.view(R, L, C, D).unbind(1)                            # L x [R, C, D]
+        m_L = m_recv.view(R, L, C).unbind(1)
         y_RLCD = torch.stack([
-            expert.forward_slots(x_RLCD[:, j].reshape(R * C, D), m_RLC[:, j].reshape(R * C)).view(R, C, D)
+            expert.forward_slots(x_L[j].reshape(R * C, D), m_L[j].reshape(R * C)).view(R, C, D)
             for j, expert in enumerate(self.local_experts)], dim=1)
-        y_XD = y_RLCD.reshape(R * L * C, D)
-        if R > 1:
-            y_XD = _AllToAll.apply(group, y_XD)
-        return y_XD
+        y_XD = _AllToAll.apply(group, y_RLCD.reshape(R * L * C, D))
+        return y_XD.index_select(0, dest_S)

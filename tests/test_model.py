@@ -23,14 +23,22 @@ def build(world, **sections):
     return cfg, world.build_model(cfg)
 
 
-def test_model_info_reproduces_table3_parameter_counts():
+def test_model_info_reproduces_table3_parameter_counts(world):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from model_info import model_info
+    from mose_ds.config import load_config
     for recipe, expected in TABLE3.items():
-        out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_info.py"),
-                              os.path.join(ROOT, "ds_configs", f"{recipe}.yaml"), "--json"],
-                             check=True, capture_output=True, text=True, env=clean_env()).stdout
-        info = json.loads(out.strip().splitlines()[-1])
+        info = model_info(load_config(os.path.join(ROOT, "ds_configs", f"{recipe}.yaml")))
         assert abs(info["params_total"] / expected - 1) < 0.02, (recipe, info["params_total"])
         assert info["params_active_per_token"] < info["params_total"]
+
+
+def test_model_info_cli_prints_json():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_info.py"),
+                          os.path.join(ROOT, "ds_configs", "gpt2_small_e8a2.yaml"), "--json"],
+                         check=True, capture_output=True, text=True, env=clean_env()).stdout
+    info = json.loads(out.strip().splitlines()[-1])
+    assert info["params_total"] == 55_118_592 and info["params_active_per_token"] == 33_884_928
 
 
 def test_moe_in_every_other_block_starting_at_zero(world):

@@ -78,6 +78,14 @@ def test_resume_with_a_different_architecture_is_refused(tmp_path, corpus):
         run(tmp_path, corpus, "arch", train={"max_iters": 2}, model={"hidden_size": 64})
 
 
+def test_bf16_training_runs_and_learns(tmp_path, corpus):
+    _, summary = run(tmp_path, corpus, "bf16", engine={"precision": "bf16", "zero_stage": 2},
+                     train={"max_iters": 6}, optim={"lr": 3e-3})
+    first, last = summary["history"][0]["loss_full"], summary["history"][-1]["loss_full"]
+    assert last < first and all(v > 1 for v in summary["val"].values())
+    assert summary["engine"].module.wte.weight.dtype == torch.bfloat16
+
+
 def test_plain_moe_baseline_trains_at_full_width_only(tmp_path, corpus):
     _, summary = run(tmp_path, corpus, "moe", mose={"enabled": False}, train={"max_iters": 2})
     assert [h["width"] for h in summary["history"]] == [None, None]

@@ -9,7 +9,7 @@
     same shapes and capacity (target: not slower).
 
     python tools/bench_train.py                       # CPU defaults
-    python tools/bench_train.py --hidden 768 --tokens 16384 --json
+    python tools/bench_train.py --hidden 256 --tokens 8192 --json
     python tools/bench_train.py --recipe ds_configs/gpt2_small_e8a2.yaml --seq-len 1024 --micro-batch 8   # GPU
 
 Timings are medians over --repeats, measured interleaved so that drift affects all variants alike.
@@ -140,14 +140,14 @@ def step_benchmark(args, dtype_name) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=8192, help="tokens through the MoE layer in (a), (c)")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens through the MoE layer in (a), (c)")
     p.add_argument("--recipe", default=None, help="model for (b); default: a CPU-sized 4-layer model")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
