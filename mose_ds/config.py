@@ -44,7 +44,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _positive(self, "num_layers", "num_heads", "hidden_size", "ffn_mult", "vocab_size",
-                  "seq_len", "moe_every")
+                  "seq_len", "moe_every", "init_std", "layernorm_eps")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
                               f"model.num_heads={self.num_heads}")
@@ -72,7 +72,6 @@ class MoEConfig:
     drop_tokens: bool = True
     load_balance_coef: float = 0.01
     z_loss_coef: float = 0.001
-    router_jitter: float = 0.0
     expert_parallel_size: int = 1
 
     def __post_init__(self):
@@ -92,7 +91,7 @@ class MoEConfig:
                 raise ConfigError(f"moe.{key}={getattr(self, key)} must be positive")
         if self.min_capacity < 0:
             raise ConfigError(f"moe.min_capacity={self.min_capacity} must be >= 0")
-        for key in ("load_balance_coef", "z_loss_coef", "router_jitter"):
+        for key in ("load_balance_coef", "z_loss_coef"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"moe.{key}={getattr(self, key)} must be >= 0")
 
@@ -120,6 +119,8 @@ class MoSEConfig:
             raise ConfigError(f"mose.width_min={self.width_min} exceeds mose.width_max={self.width_max}")
         if not self.width_step > 0:
             raise ConfigError(f"mose.width_step={self.width_step} must be positive")
+        if not self.eval_widths:
+            raise ConfigError("mose.eval_widths is empty")
         for w in self.eval_widths:
             _check_width("mose.eval_widths", w)
         if self.two_pass not in ("joint", "sequential"):
@@ -153,8 +154,10 @@ class OptimConfig:
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
-        if self.warmup_iters < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("optim.warmup_iters, optim.grad_clip and optim.weight_decay must be >= 0")
+        for key in ("warmup_iters", "grad_clip", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key}={getattr(self, key)} must be >= 0")
+        _positive(self, "eps")
 
 
 @dataclass
@@ -176,8 +179,9 @@ class TrainConfig:
     def __post_init__(self):
         _positive(self, "micro_batch_size", "grad_accum_steps", "max_iters", "eval_interval",
                   "eval_batches", "log_interval")
-        if self.stop_at < 0:
-            raise ConfigError(f"train.stop_at={self.stop_at} must be >= 0")
+        for key in ("stop_at", "seed"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
 
 
 @dataclass
@@ -249,10 +253,10 @@ class RunConfig:
         return self.checkpoint.dir or os.path.join(self.logging.out_dir, "checkpoints")
 
     def architecture(self) -> dict:
-        """The fields a checkpoint's weights depend on; resuming with others is refused."""
-        moe = self.moe
-        return {**dataclasses.asdict(self.model),
-                "moe.num_experts": moe.num_experts, "moe.top_k": moe.top_k}
+        """The fields a checkpoint's weights depend on; resuming with others is refused.
+        (The model's name and init scale may change.)"""
+        model = {k: v for k, v in dataclasses.asdict(self.model).items() if k not in ("name", "init_std")}
+        return {**model, "moe.num_experts": self.moe.num_experts, "moe.top_k": self.moe.top_k}
 
 
 # --------------------------------------------------------------------------- loading
@@ -331,6 +335,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         raw[parts[0]] = node
         for part in parts[1:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a mapping")
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: '{parts[0]}' is not a mapping")
         node[parts[-1]] = yaml.safe_load(text)
     return raw
 

@@ -86,12 +86,17 @@ def micro_batch(split: TokenSplit, seed: int, position: int, micro: int, rank: i
     return split.batch(train_window_ids(split, seed, start, micro_batch_size))
 
 
-def val_batches(split: TokenSplit, num_batches: int, rank: int, world: int, micro_batch_size: int):
-    """The same fixed validation windows at every evaluation, sharded across ranks."""
+def val_batch_count(split: TokenSplit, num_batches: int, world: int, micro_batch_size: int) -> int:
+    """Validation batches per rank: `num_batches`, or fewer if the split is smaller."""
     available = split.num_windows // (world * micro_batch_size)
     if available < 1:
-        raise ConfigError(f"validation split has {split.num_windows} windows, fewer than one batch "
-                          f"of {world * micro_batch_size}")
-    for b in range(min(num_batches, available)):
+        raise ConfigError(f"validation split has {split.num_windows} windows of model.seq_len + 1 tokens, "
+                          f"fewer than one batch of {world * micro_batch_size}")
+    return min(num_batches, available)
+
+
+def val_batches(split: TokenSplit, num_batches: int, rank: int, world: int, micro_batch_size: int):
+    """The same fixed validation windows at every evaluation, sharded across ranks."""
+    for b in range(val_batch_count(split, num_batches, world, micro_batch_size)):
         start = (b * world + rank) * micro_batch_size
         yield split.batch(np.arange(start, start + micro_batch_size))

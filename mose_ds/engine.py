@@ -110,6 +110,8 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": e.precision == "bf16"},
+        # accumulate micro-batch gradients in fp32 even when the model runs in bf16
+        "data_types": {"grad_accum_dtype": "fp32"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         **e.extra,

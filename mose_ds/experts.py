@@ -56,4 +56,9 @@ class SlimmableFFN(nn.Module):
             if out_ND is None:
                 out_ND = torch.zeros_like(x_ND)
             out_ND = out_ND.index_copy(0, rows, self(x_ND.index_select(0, rows), m))
-        return torch.zeros_like(x_ND) if out_ND is None else out_ND
+        if out_ND is None:
+            # No slot for this expert: still return an output that depends on its weights
+            # (with zero gradient), so every rank reduces the same gradients and enters the
+            # same backward all-to-alls whatever the routing did.
+            out_ND = F.pad(self(x_ND[:0], 1), (0, 0, 0, N))
+        return out_ND

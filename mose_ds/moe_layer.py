@@ -38,7 +38,9 @@ from .widths import WidthPolicy, hidden_units
 
 
 class Router(nn.Module):
-    """Linear router without bias, computed in fp32 whatever the training precision.
+    """Linear router without bias; logits and softmax are computed in fp32 whatever the
+    training precision (under bf16 the stored weight is bf16, its master copy fp32 in the
+    optimizer, as for every other weight).
 
     Stands in DeepSpeed's `TopKGate` slot, hence `_set_ep_group` (the engine calls it).
     """

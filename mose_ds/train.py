@@ -24,7 +24,7 @@ from deepspeed import comm as dist
 from . import checkpoint, engine as engine_lib
 from .checkpoint import CheckpointError, TrainState
 from .config import ConfigError, RunConfig, load_config, save_config
-from .data import TokenSplit, micro_batch, val_batches
+from .data import TokenSplit, micro_batch, val_batch_count, val_batches
 from .model import lm_loss
 from .monitor import Monitor, routing_scalars, width_tag
 from .widths import FULL_WIDTH, sample_width, uniform_policy
@@ -67,10 +67,11 @@ def evaluate(engine, cfg: RunConfig, split: TokenSplit) -> dict[float, float]:
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
     for width in cfg.mose.eval_widths:
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=engine.device)   # NCCL reduces device tensors
         for x, y in val_batches(split, cfg.train.eval_batches, rank, world, cfg.train.micro_batch_size):
             logits, _ = engine(x.to(engine.device), uniform_policy(width))
-            total += torch.tensor([lm_loss(logits, y.to(engine.device)).item(), 1.0], dtype=torch.float64)
+            total[0] += lm_loss(logits, y.to(engine.device)).double()
+            total[1] += 1
         dist.all_reduce(total)
         out[width] = math.exp(total[0].item() / total[1].item())
     engine.train()
@@ -92,6 +93,7 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     # Everything that can be refused is checked before anything is written.
     train_split = TokenSplit(cfg.data.path, "train", cfg.model.seq_len, cfg.model.vocab_size)
     val_split = TokenSplit(cfg.data.path, "val", cfg.model.seq_len, cfg.model.vocab_size)
+    val_batch_count(val_split, cfg.train.eval_batches, world, cfg.train.micro_batch_size)
     resume = checkpoint.find_resume(cfg)
     if resume:
         checkpoint.check_architecture(cfg, resume)
@@ -115,7 +117,7 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
         f"on {world} rank(s), mode={'MoSE two-pass' if cfg.mose.enabled else 'MoE full width'}, "
         f"ZeRO-{cfg.engine.zero_stage}, {cfg.engine.precision}, EP={cfg.moe.expert_parallel_size}")
     start = last = time.time()
-    first_iter = state.iteration
+    first_iter = last_iter = state.iteration
     end = min(t.max_iters, t.stop_at) if t.stop_at else t.max_iters
     while state.iteration < end:
         width = sample_width(grid, state.iteration, t.seed) if cfg.mose.enabled else None
@@ -132,8 +134,8 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
 
         if state.iteration % t.log_interval == 0 or state.iteration == end:
             now = time.time()
-            rate = tokens_per_iter * (t.log_interval if state.iteration % t.log_interval == 0 else 1) / max(now - last, 1e-9)
-            last = now
+            rate = tokens_per_iter * (state.iteration - last_iter) / max(now - last, 1e-9)
+            last, last_iter = now, state.iteration
             done = state.iteration - first_iter
             eta = (now - start) / done * (end - state.iteration)
             gnorm = engine.get_global_grad_norm()
@@ -155,11 +157,13 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
             val = evaluate(engine, cfg, val_split)
             monitor.scalars({f"val/ppl/{width_tag(w)}": p for w, p in val.items()}, state.iteration)
             say("val ppl | " + " | ".join(f"w={w:.2f}: {p:.2f}" for w, p in val.items()))
+            last, last_iter = time.time(), state.iteration   # tokens/s counts training only
 
         if state.iteration % cfg.checkpoint.interval == 0 or (
                 state.iteration == end and (cfg.checkpoint.save_final or end < t.max_iters)):
             folder = checkpoint.save(engine, cfg, state)
             say(f"checkpoint -> {folder}")
+            last, last_iter = time.time(), state.iteration
 
     if not val and state.iteration == t.max_iters:   # resumed a finished run: report where it stands
         val = evaluate(engine, cfg, val_split)
@@ -213,11 +217,10 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        return 2   # no barrier: another rank may be inside a collective
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

@@ -74,6 +74,24 @@ def test_width_grid_is_the_paper_grid():
     assert all(abs(b - a - 0.05) < 1e-9 for a, b in zip(grid, grid[1:]))
 
 
+def test_empty_eval_widths_and_negative_seed_are_refused():
+    with pytest.raises(ConfigError, match=r"mose\.eval_widths is empty"):
+        from_dict(tiny_raw(mose={"eval_widths": []}))
+    with pytest.raises(ConfigError, match=r"train\.seed=-1 must be >= 0"):
+        from_dict(tiny_raw(train={"seed": -1}))
+
+
+def test_override_into_a_scalar_is_refused():
+    with pytest.raises(ConfigError, match=r"'name' is not a mapping"):
+        apply_overrides(tiny_raw(), ["model.name.x=1"])
+
+
+def test_architecture_ignores_name_and_init_scale():
+    a = from_dict(tiny_raw()).architecture()
+    b = from_dict(tiny_raw(model={"name": "renamed", "init_std": 0.01})).architecture()
+    assert a == b and a != from_dict(tiny_raw(model={"num_layers": 4})).architecture()
+
+
 def test_engine_extra_cannot_set_run_owned_keys():
     with pytest.raises(ConfigError, match=r"engine\.extra\.train_batch_size"):
         from_dict(tiny_raw(engine={"extra": {"train_batch_size": 8}}))

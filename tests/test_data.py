@@ -41,6 +41,22 @@ def test_prepare_folder_of_documents(tmp_path):
     assert gpt2().decode(list(val[:-1][: (val == EOT_ID).argmax()])).startswith("Document number 8.")
 
 
+def test_prepare_through_hf_datasets_with_local_files(tmp_path):
+    rows = tmp_path / "docs.jsonl"
+    rows.write_text("".join(json.dumps({"body": f"Row {i} of a local dataset."}) + "\n" for i in range(20)))
+    out = tmp_path / "hf"
+    result = run_prepare("--hf-dataset", "json", "--hf-data-files", str(rows), "--text-field", "body",
+                         "--out", str(out), "--num-proc", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["documents"] == 20 and meta["source"] == "hf:json"
+    train = np.memmap(out / "train.bin", dtype=np.uint16, mode="r")
+    assert gpt2().decode(list(train[:8])).startswith("Row 0 of a local dataset.")
+    result = run_prepare("--hf-dataset", "json", "--hf-data-files", str(rows), "--text-field", "text",
+                         "--out", str(tmp_path / "hf2"))
+    assert result.returncode == 2 and "--text-field 'text'" in result.stderr
+
+
 def test_compact_vocab_maps_back_to_gpt2_ids(corpus):
     meta = json.load(open(os.path.join(corpus, "meta.json")))
     used = np.load(os.path.join(corpus, "vocab.npy"))
@@ -54,6 +70,14 @@ def test_prepare_refuses_to_overwrite_and_missing_input(tmp_path, corpus):
     result = run_prepare("--input", os.path.join(ROOT, "corpus", "tinyshakespeare.txt"), "--out", corpus)
     assert result.returncode == 2 and "already holds prepared data" in result.stderr
     assert os.path.getmtime(os.path.join(corpus, "train.bin")) == before
+    fresh = tmp_path / "again"
+    assert run_prepare("--input", os.path.join(ROOT, "corpus", "tinyshakespeare.txt"), "--out", str(fresh),
+                       "--val-fraction", "0.5").returncode == 0
+    first = json.loads((fresh / "meta.json").read_text())
+    assert run_prepare("--input", os.path.join(ROOT, "corpus", "tinyshakespeare.txt"), "--out", str(fresh),
+                       "--overwrite").returncode == 0
+    second = json.loads((fresh / "meta.json").read_text())
+    assert second["val_tokens"] < first["val_tokens"] and not list(fresh.glob("*.tmp"))
     result = run_prepare("--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "nope.txt: no such file" in result.stderr
     assert "Traceback" not in result.stderr

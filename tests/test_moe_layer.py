@@ -68,17 +68,29 @@ def test_overflowing_choices_are_dropped_and_keep_only_the_residual(world):
     out, info = layer(x, uniform_policy(1.0))
     # capacity 1 per expert: at most 4 of the 32 routed choices survive
     assert info.stats.dropped_frac >= 1 - 4 / 32
-    idx, _ = top_k_routing(layer.router(x.view(-1, 32)), 2)
     assert (out.view(-1, 32).abs().sum(-1) > 0).sum() <= 4
 
 
-def test_eval_forward_is_deterministic(world):
+def test_deepspeed_gate_is_replaced_by_our_router(world):
+    from deepspeed.moe.sharded_moe import TopKGate
     layer = build_moe(world)
-    layer.eval()
-    x = torch.randn(4, 2, 32)
-    a, _ = layer(x, uniform_policy(0.75))
-    b, _ = layer(x, uniform_policy(0.75))
-    assert torch.equal(a, b)
+    assert not any(isinstance(m, TopKGate) for m in layer.modules())   # its k=2 gate samples in eval
+    assert layer.router.weight.shape == (4, 32)
+
+
+def test_an_idle_expert_still_gets_a_zero_gradient(world):
+    """Every rank must reduce the same gradients and enter the same all-to-alls, whatever
+    the routing did: an expert that receives no token stays in the autograd graph."""
+    layer = build_moe(world)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([1.0, 0.9, 0.8, -1.0]).unsqueeze(1).expand(4, 32))
+    x = torch.rand(4, 2, 32) + 0.1            # positive inputs: experts 0 and 1 always win, 3 never
+    out, info = layer(x, uniform_policy(1.0))
+    assert info.stats.counts_E[3] == 0
+    out.sum().backward()
+    idle = layer.local_experts[3]
+    assert idle.w_up.grad is not None and idle.w_up.grad.abs().sum() == 0
+    assert layer.local_experts[0].w_up.grad.abs().sum() > 0
 
 
 def test_narrower_width_changes_output(world):

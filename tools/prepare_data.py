@@ -3,10 +3,12 @@
 
 Sources: a local text file, a folder of text files (each file one document), or any
 Hugging Face `datasets` name (`--hf-dataset openwebtext` for the real recipe; that one
-downloads, because the user asked for it). Every document ends with <|endoftext|>. The
-last `--val-fraction` of the token stream (cut at a document boundary when there are
-several documents) becomes `val.bin`. Files are written under temporary names and moved
-into place at the end, so an interrupted run never leaves a folder that looks complete.
+downloads, because the user asked for it; `--hf-dataset json --hf-data-files a.jsonl` reads
+local files). Every document ends with <|endoftext|>. The last `--val-fraction` of the token
+stream (cut at a document boundary when there are several documents) becomes `val.bin`.
+Tokens stream through a temporary file, so memory stays small for OpenWebText-sized
+corpora; files are written under temporary names and `meta.json` comes last, so an
+interrupted run never leaves a folder that looks complete.
 
     python tools/prepare_data.py --input corpus/tinyshakespeare.txt --out data/shakespeare
     python tools/prepare_data.py --hf-dataset openwebtext --out data/openwebtext --num-proc 16
@@ -47,11 +49,10 @@ def local_documents(path: str) -> list[str]:
     fail(f"--input {path}: no such file or directory")
 
 
-def tokenize_local(files: list[str]) -> list[np.ndarray]:
+def local_token_stream(files: list[str]):
     """One uint16 array per document; large files are encoded in ~1 MB line-aligned chunks."""
     enc = gpt2()
     total = sum(os.path.getsize(f) for f in files)
-    docs = []
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for path in files:
             pieces = []
@@ -64,13 +65,18 @@ def tokenize_local(files: list[str]) -> list[np.ndarray]:
             except UnicodeDecodeError:
                 fail(f"{path}: not UTF-8 text")
             pieces.append(np.array([EOT_ID], dtype=np.uint16))
-            docs.append(np.concatenate(pieces))
-    return docs
+            yield np.concatenate(pieces)
 
 
-def tokenize_hf(name: str, config: str | None, split: str, field: str, num_proc: int) -> list[np.ndarray]:
+def hf_token_stream(name: str, config: str | None, data_files: list[str] | None, split: str,
+                    field: str, num_proc: int):
+    """Tokenize with `datasets.map` (parallel), then yield the documents in order."""
     import datasets
-    ds = datasets.load_dataset(name, config, split=split, num_proc=num_proc if num_proc > 1 else None)
+    try:
+        ds = datasets.load_dataset(name, config, data_files=data_files, split=split,
+                                   num_proc=num_proc if num_proc > 1 else None)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--hf-dataset {name}: {str(e).splitlines()[0]}")
     if field not in ds.column_names:
         fail(f"--text-field {field!r}: dataset {name} has columns {ds.column_names}")
     enc = gpt2()
@@ -79,37 +85,43 @@ def tokenize_hf(name: str, config: str | None, split: str, field: str, num_proc:
         return {"ids": enc.encode_ordinary(example[field]) + [EOT_ID]}
 
     ds = ds.map(encode, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenizing")
-    return [np.asarray(ids, dtype=np.uint16) for ids in tqdm(ds["ids"], desc="collecting")]
+    for batch in tqdm(ds.iter(batch_size=1024), total=-(-len(ds) // 1024), desc="collecting"):
+        for ids in batch["ids"]:
+            yield np.asarray(ids, dtype=np.uint16)
 
 
-def split_point(docs: list[np.ndarray], val_fraction: float) -> tuple[int, int]:
-    """(document index, token offset inside it) where validation starts."""
-    lengths = np.array([len(d) for d in docs])
-    target = int(lengths.sum() * (1.0 - val_fraction))
-    if len(docs) > 1:
-        ends = np.cumsum(lengths)
-        idx = int(np.searchsorted(ends, target, side="right"))   # docs ending by the target train
-        idx = min(max(idx, 1), len(docs) - 1)
-        return idx, 0
-    return 0, target
+def spool(docs, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Write the token stream to `path`; return document lengths and which ids occur."""
+    lengths, present = [], np.zeros(GPT2_VOCAB_SIZE, dtype=bool)
+    with open(path, "wb") as f:
+        for doc in docs:
+            f.write(doc.tobytes())
+            lengths.append(len(doc))
+            present[doc] = True
+    return np.asarray(lengths, dtype=np.int64), present
 
 
-def compact_ids(docs: list[np.ndarray]) -> np.ndarray:
-    """Sorted GPT-2 ids used by the corpus (with <|endoftext|>); new id = index in this array."""
-    used = np.unique(np.concatenate(docs + [np.array([EOT_ID], dtype=np.uint16)]))
-    return used.astype(np.uint16)
+def split_point(lengths: np.ndarray, val_fraction: float) -> int:
+    """Token index where validation starts: at a document boundary when there are several."""
+    target = int(int(lengths.sum()) * (1.0 - val_fraction))
+    if len(lengths) == 1:
+        return target
+    ends = np.cumsum(lengths)
+    train_docs = int(np.searchsorted(ends, target, side="right"))   # documents ending by the target
+    return int(ends[min(max(train_docs, 1), len(lengths) - 1) - 1])
 
 
-def write_split(path: str, arrays: list[np.ndarray]) -> int:
-    n = sum(len(a) for a in arrays)
-    out = np.memmap(path, dtype=np.uint16, mode="w+", shape=(max(n, 1),))
-    pos = 0
-    for a in tqdm(arrays, desc=f"writing {os.path.basename(path).split('.')[0]}", leave=False):
-        out[pos:pos + len(a)] = a
-        pos += len(a)
+def write_split(tokens: np.ndarray, path: str, remap: np.ndarray | None) -> int:
+    """Copy `tokens` into a uint16 memory map at `path` in chunks, renumbered through `remap`."""
+    out = np.memmap(path, dtype=np.uint16, mode="w+", shape=(max(len(tokens), 1),))
+    step = 1 << 24
+    name = os.path.basename(path).split(".")[0]
+    for start in tqdm(range(0, len(tokens), step), desc=f"writing {name}", leave=False):
+        chunk = tokens[start:start + step]
+        out[start:start + len(chunk)] = chunk if remap is None else remap[chunk]
     out.flush()
     del out
-    return n
+    return len(tokens)
 
 
 def main(argv=None) -> None:
@@ -118,6 +130,8 @@ def main(argv=None) -> None:
     src.add_argument("--input", help="a text file or a folder of text files")
     src.add_argument("--hf-dataset", help="a Hugging Face datasets name or local dataset folder")
     p.add_argument("--hf-config", default=None)
+    p.add_argument("--hf-data-files", nargs="+", default=None,
+                   help="local files for a generic builder, e.g. --hf-dataset json --hf-data-files a.jsonl")
     p.add_argument("--hf-split", default="train")
     p.add_argument("--text-field", default="text")
     p.add_argument("--out", required=True, help="output folder (train.bin, val.bin, meta.json)")
@@ -131,39 +145,47 @@ def main(argv=None) -> None:
 
     if not 0 < args.val_fraction < 1:
         fail(f"--val-fraction {args.val_fraction}: expected a value in (0, 1)")
-    if os.path.exists(os.path.join(args.out, "meta.json")) and not args.overwrite:
+    meta_path = os.path.join(args.out, "meta.json")
+    if os.path.exists(meta_path) and not args.overwrite:
         fail(f"--out {args.out} already holds prepared data (pass --overwrite to replace it)")
-    start = time.time()
     if args.input:
-        docs, source = tokenize_local(local_documents(args.input)), os.path.abspath(args.input)
-    else:
-        docs = tokenize_hf(args.hf_dataset, args.hf_config, args.hf_split, args.text_field, args.num_proc)
-        source = f"hf:{args.hf_dataset}" + (f"/{args.hf_config}" if args.hf_config else "")
-    if not docs or sum(len(d) for d in docs) < 2:
-        fail("the input holds no text")
-    doc, offset = split_point(docs, args.val_fraction)
-    if offset:                      # a single document: cut inside it
-        train, val = [docs[0][:offset]], [docs[0][offset:]]
-    else:
-        train, val = docs[:doc], docs[doc:]
-
+        files, source = local_documents(args.input), os.path.abspath(args.input)
+    start = time.time()
     os.makedirs(args.out, exist_ok=True)
-    vocab_size, extra = GPT2_VOCAB_SIZE, {}
+    if os.path.exists(meta_path):      # --overwrite: the folder stops looking complete first
+        os.remove(meta_path)
+    if args.input:
+        docs = local_token_stream(files)
+    else:
+        docs = hf_token_stream(args.hf_dataset, args.hf_config, args.hf_data_files, args.hf_split,
+                               args.text_field, args.num_proc)
+        source = f"hf:{args.hf_dataset}" + (f"/{args.hf_config}" if args.hf_config else "")
+    stream_path = os.path.join(args.out, "stream.bin.tmp")
+    lengths, present = spool(docs, stream_path)
+    if lengths.sum() < 2:
+        os.remove(stream_path)
+        fail("the input holds no text")
+    tokens = np.memmap(stream_path, dtype=np.uint16, mode="r")
+    cut = split_point(lengths, args.val_fraction)
+
+    vocab_size, eot, remap, extra = GPT2_VOCAB_SIZE, EOT_ID, None, {}
     if args.compact_vocab:
-        used = compact_ids(docs)
+        present[EOT_ID] = True
+        used = np.nonzero(present)[0].astype(np.uint16)          # new id = index in this array
+        remap = np.zeros(GPT2_VOCAB_SIZE, dtype=np.uint16)
+        remap[used] = np.arange(len(used), dtype=np.uint16)
         np.save(os.path.join(args.out, "vocab.npy"), used)
-        train, val = [np.searchsorted(used, a).astype(np.uint16) for a in train], \
-                     [np.searchsorted(used, a).astype(np.uint16) for a in val]
-        vocab_size, extra = len(used), {"compact_vocab": "vocab.npy"}
-    n_train = write_split(os.path.join(args.out, "train.bin.tmp"), train)
-    n_val = write_split(os.path.join(args.out, "val.bin.tmp"), val)
+        vocab_size, eot, extra = len(used), int(remap[EOT_ID]), {"compact_vocab": "vocab.npy"}
+    n_train = write_split(tokens[:cut], os.path.join(args.out, "train.bin.tmp"), remap)
+    n_val = write_split(tokens[cut:], os.path.join(args.out, "val.bin.tmp"), remap)
+    del tokens
+    os.remove(stream_path)
     for split in ("train", "val"):
         os.replace(os.path.join(args.out, f"{split}.bin.tmp"), os.path.join(args.out, f"{split}.bin"))
-    eot = int(np.searchsorted(used, EOT_ID)) if args.compact_vocab else EOT_ID
     write_meta(args.out, {"tokenizer": "gpt2", "vocab_size": vocab_size, "eot_id": eot, **extra,
                           "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_val,
-                          "documents": len(docs), "source": source})
-    print(f"prepare_data: {len(docs)} document(s), {n_train:,} train + {n_val:,} val tokens, "
+                          "documents": len(lengths), "source": source})
+    print(f"prepare_data: {len(lengths)} document(s), {n_train:,} train + {n_val:,} val tokens, "
           f"vocabulary {vocab_size:,}{' (compact)' if args.compact_vocab else ''} "
           f"in {time.time() - start:.1f}s -> {os.path.abspath(args.out)}/{{train.bin,val.bin,meta.json}}")
 
