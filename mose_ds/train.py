@@ -193,7 +193,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("megatron", "megatron.core", "megatron.core.transformer.transformer_layer"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)
 

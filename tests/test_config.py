@@ -105,3 +105,14 @@ def test_every_shipped_recipe_loads():
     assert len(recipes) >= 10
     for path in recipes:
         load_config(path)
+
+
+def test_lr_schedule_warms_up_then_decays_linearly_to_min_lr():
+    from mose_ds.config import OptimConfig
+    from mose_ds.engine import lr_at
+    o = OptimConfig()                                   # the paper's: 6e-4 -> 6e-5, 200 warmup
+    assert lr_at(0, o, 10_000) == pytest.approx(6e-4 / 201)
+    assert lr_at(199, o, 10_000) == pytest.approx(6e-4 * 200 / 201)
+    assert lr_at(200, o, 10_000) == pytest.approx(6e-4)
+    assert lr_at(5_100, o, 10_000) == pytest.approx((6e-4 + 6e-5) / 2)
+    assert lr_at(10_000, o, 10_000) == pytest.approx(6e-5) == lr_at(12_000, o, 10_000)
