@@ -166,6 +166,8 @@ class TrainConfig:
 
     `stop_at` ends this job after that iteration with a checkpoint (for time-limited jobs);
     the schedule still runs to `max_iters`, and a resumed job continues it. 0 = never.
+    Validation reads the first `eval_batches` micro-batches per rank of the val split (the same
+    windows at every evaluation), so compare validation numbers between runs of one world size.
     """
     micro_batch_size: int = 12
     grad_accum_steps: int = 4
