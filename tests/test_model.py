@@ -37,7 +37,7 @@ def test_model_info_cli_prints_json():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_info.py"),
                           os.path.join(ROOT, "ds_configs", "gpt2_small_e8a2.yaml"), "--json"],
                          check=True, capture_output=True, text=True, env=clean_env()).stdout
-    info = json.loads(out.strip().splitlines()[-1])
+    info = json.loads(out)
     assert info["params_total"] == 55_118_592 and info["params_active_per_token"] == 33_884_928
 
 

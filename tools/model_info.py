@@ -10,6 +10,7 @@ experts of every MoE layer (what one token runs through at full width).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,10 +44,13 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    from mose_ds.train import quiet_libraries
-    quiet_libraries()
     try:
-        info = model_info(load_config(args.config, args.overrides))
+        # With --json, stdout carries the JSON alone: library chatter (DeepSpeed's logger binds
+        # the stream when it is imported) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            from mose_ds.train import quiet_libraries
+            quiet_libraries()
+            info = model_info(load_config(args.config, args.overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
