@@ -44,18 +44,43 @@ def test_two_ranks_with_expert_parallelism_match_one_rank(tmp_path, zero):
     assert two["widths"][0] == two["widths"][1] and len(set(two["widths"][0])) > 5
 
 
-def test_deepspeed_launcher_trains_with_expert_parallelism_on_cpu(tmp_path, corpus):
-    out = tmp_path / "run"
-    raw = tiny_raw(data={"path": corpus}, logging={"out_dir": str(out)}, train={"max_iters": 3},
-                   moe={"expert_parallel_size": 2}, engine={"zero_stage": 2})
-    recipe = tmp_path / "recipe.yaml"
+def launch(tmp_path, corpus, name, **train):
+    """`deepspeed --num_gpus 2 --module mose_ds.train` on CPU, EP=2, ZeRO-2."""
+    raw = tiny_raw(data={"path": corpus}, logging={"out_dir": str(tmp_path / name)},
+                   train={"max_iters": 3, **train}, moe={"expert_parallel_size": 2}, engine={"zero_stage": 2})
+    recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     result = subprocess.run([launcher, "--num_gpus", "2", f"--master_port={free_port()}", "--module",
                              "mose_ds.train", "--config", str(recipe)],
                             capture_output=True, text=True, cwd=ROOT, timeout=600, env=clean_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    folder = out / "checkpoints" / "iter_00000003"
-    experts = sorted(f.name for f in folder.iterdir() if "_expert_" in f.name)
-    assert len(experts) == 4 and {"rng_state_rank0.pt", "rng_state_rank1.pt"} <= {f.name for f in folder.iterdir()}
-    assert "w=1.00" in result.stdout
+    return result
+
+
+def model_tensors(folder):
+    """Every weight in a checkpoint: non-expert states plus one file per expert."""
+    out = {}
+    for path in sorted(folder.glob("*model_states.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for key, value in state.get("module", state).items():
+            if torch.is_tensor(value):
+                out[f"{path.name}:{key}"] = value
+    return out
+
+
+def test_deepspeed_launcher_trains_and_resumes_exactly_with_expert_parallelism(tmp_path, corpus):
+    straight = launch(tmp_path, corpus, "straight")
+    assert "w=1.00" in straight.stdout
+    launch(tmp_path, corpus, "resumed", stop_at=2)
+    resumed = launch(tmp_path, corpus, "resumed")
+    assert "at iteration 2" in resumed.stdout and "iter 3/3" in resumed.stdout   # really resumed
+
+    final = tmp_path / "straight" / "checkpoints" / "iter_00000003"
+    files = {f.name for f in final.iterdir()}
+    assert sum("_expert_" in f for f in files) == 4 and {"rng_state_rank0.pt", "rng_state_rank1.pt"} <= files
+    a = model_tensors(final)
+    b = model_tensors(tmp_path / "resumed" / "checkpoints" / "iter_00000003")
+    assert a.keys() == b.keys() and sum("_expert_" in k for k in a) >= 8
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mose_ds.config import from_dict, load_config, to_dict  # noqa: E402
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
+# Dense bf16 peak TFLOP/s by device name, for model FLOPs utilisation (override: --peak-tflops).
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 def sync():
@@ -108,7 +110,7 @@ def layer_benchmarks(args, device, dtype) -> dict:
 def step_benchmark(args, dtype_name) -> dict:
     """(b): one engine step (micro-batch forward/backward + optimizer), two-pass vs full only."""
     from mose_ds import engine as engine_lib
-    from mose_ds.flops import two_pass_cost_ratio
+    from mose_ds.flops import forward_flops_per_token, two_pass_cost_ratio
     from mose_ds.train import train_micro_batch
 
     raw = to_dict(load_config(args.recipe)) if args.recipe else to_dict(from_dict({}))
@@ -130,15 +132,25 @@ def step_benchmark(args, dtype_name) -> dict:
     for w in WIDTHS:
         fns[f"two_w{w:.2f}"] = (lambda w=w: train_micro_batch(engine, cfg, x, y, w))
     t = interleaved(fns, args.repeats)
+    tokens = args.micro_batch * args.seq_len
+    full_flops = 3 * forward_flops_per_token(cfg.model, cfg.moe, 1.0)["total"]   # forward + backward
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in args.device_name), None)
+
+    def throughput(seconds: float, flops_per_token: float) -> dict:
+        tflops = flops_per_token * tokens / seconds / 1e12
+        return {"tokens_per_s": tokens / seconds, "tflops": tflops, "mfu": tflops / peak if peak else None}
+
     rows = []
     for w in WIDTHS:
         measured = t[f"two_w{w:.2f}"] / t["single"]
         predicted = two_pass_cost_ratio(cfg.model, cfg.moe, w)
         rows.append({"width": w, "measured": measured, "predicted": predicted,
-                     "measured_over_predicted": measured / predicted, "ok": measured <= 1.05 * predicted})
+                     "measured_over_predicted": measured / predicted, "ok": measured <= 1.05 * predicted,
+                     **throughput(t[f"two_w{w:.2f}"], full_flops * predicted)})
     return {"step_model": {k: raw["model"][k] for k in ("num_layers", "hidden_size", "seq_len", "vocab_size")}
             | {"num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k, "micro_batch": args.micro_batch},
-            "single_step_seconds": t["single"], "two_pass_steps": rows}
+            "single_step_seconds": t["single"], "single_step": throughput(t["single"], full_flops),
+            "peak_tflops": peak, "two_pass_steps": rows}
 
 
 def main(argv=None) -> int:
@@ -152,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak TFLOP/s for model FLOPs utilisation (default: known GPUs, bf16)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.json:   # keep stdout for the JSON document; library chatter goes to stderr
@@ -171,7 +185,8 @@ def run(args) -> dict:
     engine_lib.init_distributed()
     device = engine_lib.device()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+    args.device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    result = {"device": args.device_name,
               "dtype": args.dtype, "layer_shapes": {"hidden": args.hidden, "experts": args.experts,
                                                     "top_k": args.top_k, "tokens": args.tokens}}
     result |= layer_benchmarks(args, device, dtype)
@@ -188,10 +203,19 @@ def print_report(args, result: dict) -> None:
     s = result["step_model"]
     print(f"\n(b) two-pass step / full-width step ({s['num_layers']} layers x {s['hidden_size']}, "
           f"E{s['num_experts']}A{s['top_k']}, {s['micro_batch']} x {s['seq_len']} tokens, "
-          f"single step {result['single_step_seconds']:.3f} s)\n  width | measured | FLOPs-predicted | ratio | ok (<= 1.05)")
+          f"single step {result['single_step_seconds']:.3f} s)\n"
+          "  width | measured | FLOPs-predicted | ratio | ok (<= 1.05) | tokens/s | TFLOP/s | MFU")
+
+    def mfu(r):
+        return f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+
     for r in result["two_pass_steps"]:
         print(f"  {r['width']:5.2f} | {r['measured']:8.3f} | {r['predicted']:15.3f} | "
-              f"{r['measured_over_predicted']:5.3f} | {r['ok']}")
+              f"{r['measured_over_predicted']:5.3f} | {str(r['ok']):12} | {r['tokens_per_s']:8,.0f} | "
+              f"{r['tflops']:7.3f} | {mfu(r)}")
+    single = result["single_step"]
+    print(f"  single full-width step: {single['tokens_per_s']:,.0f} tokens/s, {single['tflops']:.3f} TFLOP/s, "
+          f"MFU {mfu(single)}")
     v = result["layer_vs_deepspeed"]
     print(f"\n(c) ours at full width {v['ours_seconds']:.4f} s vs deepspeed.moe.layer.MoE "
           f"{v['deepspeed_seconds']:.4f} s: {v['ours_over_deepspeed']:.3f}x ({'not slower' if v['ok'] else 'SLOWER'})")
