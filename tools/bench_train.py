@@ -132,13 +132,13 @@ def step_benchmark(args, dtype_name) -> dict:
     for w in WIDTHS:
         fns[f"two_w{w:.2f}"] = (lambda w=w: train_micro_batch(engine, cfg, x, y, w))
     t = interleaved(fns, args.repeats)
-    tokens = args.micro_batch * args.seq_len
+    n_tokens = args.micro_batch * args.seq_len
     full_flops = 3 * forward_flops_per_token(cfg.model, cfg.moe, 1.0)["total"]   # forward + backward
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in args.device_name), None)
 
     def throughput(seconds: float, flops_per_token: float) -> dict:
-        tflops = flops_per_token * tokens / seconds / 1e12
-        return {"tokens_per_s": tokens / seconds, "tflops": tflops, "mfu": tflops / peak if peak else None}
+        tflops = flops_per_token * n_tokens / seconds / 1e12
+        return {"tokens_per_s": n_tokens / seconds, "tflops": tflops, "mfu": tflops / peak if peak else None}
 
     rows = []
     for w in WIDTHS:
