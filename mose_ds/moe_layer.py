@@ -63,7 +63,9 @@ class RoutingInfo:
     and detached diagnostics. Returned explicitly, never stashed on the module."""
     aux_loss: torch.Tensor
     stats: RoutingStats
-    mean_width: torch.Tensor
+    mean_width: torch.Tensor      # mean width over all routed slots (kept or dropped)
+    units: torch.Tensor           # hidden units executed, summed over kept slots (FLOPs accounting)
+    tokens: int                   # T, the tokens this forward routed
 
 
 class SlimmableMoE(MoE):
@@ -119,7 +121,15 @@ class SlimmableMoE(MoE):
         x_SD = x_TD.index_select(0, tok_S)
 
         # 4. Experts, on this rank or across the expert-parallel group.
-        if self.ep_size == 1:
+        relaxed = getattr(width_policy, "relaxed", False)
+        if relaxed:
+            if self.ep_size != 1:
+                raise RuntimeError("relaxed width policies (gamma calibration) run with expert_parallel_size=1")
+            counts = torch.bincount(idx_TK.reshape(-1)[slot_S], minlength=E).tolist()
+            w_S = w_TK.reshape(-1)[slot_S]
+            y_SD = torch.cat([expert.forward_relaxed(x, w) for expert, x, w in
+                              zip(self.local_experts, x_SD.split(counts), w_S.split(counts))])
+        elif self.ep_size == 1:
             counts = torch.bincount(idx_TK.reshape(-1)[slot_S], minlength=E).tolist()
             y_SD = torch.cat([expert.forward_slots(x, m) for expert, x, m in
                               zip(self.local_experts, x_SD.split(counts), m_S.split(counts))])
@@ -132,7 +142,11 @@ class SlimmableMoE(MoE):
 
         stats = routing_stats(idx_TK.detach(), keep_TK, E, lb, z)
         mean_width = (m_TK.float() / self.ffn_hidden_size).mean()
-        return out_TD.view(S, B, D), RoutingInfo(aux, stats, mean_width)
+        if relaxed:   # the relaxation executes w * H units in expectation, not ceil(w * H)
+            units = (w_S.detach().float() * self.ffn_hidden_size).sum()
+        else:
+            units = m_S.sum().float()
+        return out_TD.view(S, B, D), RoutingInfo(aux, stats, mean_width, units, T)
 
     def _run_expert_parallel(self, x_SD: torch.Tensor, m_S: torch.Tensor, dest_S: torch.Tensor,
                              C: int) -> torch.Tensor:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import os
 
+import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenisation pattern
@@ -28,3 +30,50 @@ def gpt2() -> tiktoken.Encoding:
         vocab_bpe_hash=_MERGES_SHA256, encoder_json_hash=_ENCODER_SHA256)
     return tiktoken.Encoding(name="gpt2-offline", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT_ID}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+class TextCodec:
+    """Text <-> model token ids: GPT-2 BPE, renumbered when the model was trained on a
+    compact vocabulary (`prepare_data --compact-vocab` writes `vocab.npy`, the GPT-2 id of
+    each model id).
+
+    A compact model has never seen the GPT-2 tokens outside its corpus; they are mapped to
+    `unk_id`, the first padded row of its vocabulary (scored honestly: the model gives it
+    little probability). `unknown` counts them so evaluations can report the rate.
+    """
+
+    def __init__(self, vocab: np.ndarray | None = None):
+        self.gpt2 = gpt2()
+        self.vocab = vocab
+        if vocab is None:
+            self.eot, self.unk_id, self.to_model = EOT_ID, None, None
+        else:
+            self.unk_id = len(vocab)
+            self.to_model = np.full(GPT2_VOCAB_SIZE, self.unk_id, dtype=np.int64)
+            self.to_model[vocab.astype(np.int64)] = np.arange(len(vocab))
+            self.eot = int(self.to_model[EOT_ID])
+        self.unknown = 0
+        self.encoded = 0
+
+    @classmethod
+    def for_data(cls, folder: str) -> "TextCodec":
+        """The codec of a folder written by `tools/prepare_data.py`."""
+        from .data import read_meta
+        meta = read_meta(folder)
+        if meta.get("compact_vocab"):
+            return cls(np.load(os.path.join(folder, meta["compact_vocab"])))
+        return cls()
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.gpt2.encode_ordinary(text)
+        self.encoded += len(ids)
+        if self.to_model is None:
+            return ids
+        out = self.to_model[ids].tolist()
+        self.unknown += sum(i == self.unk_id for i in out)
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        if self.vocab is not None:
+            ids = [int(self.vocab[i]) if i < len(self.vocab) else EOT_ID for i in ids]
+        return self.gpt2.decode(ids)

@@ -66,3 +66,25 @@ def corpus(tmp_path_factory) -> str:
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prepare_data.py"), "--input", str(text),
                     "--out", str(out), "--compact-vocab"], check=True, capture_output=True, env=clean_env())
     return str(out)
+
+
+def load_tool(name: str):
+    """A script of tools/ as a module, so tests call its main(argv) in this process."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def trained(world, corpus, tmp_path_factory) -> str:
+    """A run folder holding a checkpoint of a 4-block tiny model (MoE blocks 0 and 2) trained a
+    few steps under ZeRO-2: the subject of the inference-time tests."""
+    from mose_ds.train import train
+    out = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(model={"num_layers": 4}, data={"path": corpus}, logging={"out_dir": str(out)},
+                      engine={"zero_stage": 2}, train={"max_iters": 8},
+                      optim={"lr": 3e-3})
+    train(cfg, quiet=True)
+    return str(out)

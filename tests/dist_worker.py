@@ -1,6 +1,7 @@
-"""Run under torchrun by test_distributed.py: one two-pass step on this rank's shard of a fixed
-global batch; rank 0 writes the mean LM loss, the full gradients (experts by global index)
-and the widths every rank sampled."""
+"""Run under torchrun by test_distributed.py: one step on this rank's shard of a fixed global
+batch through three branches (full width, a sampled uniform width, per-token widths from the
+normalised-probability policy); rank 0 writes the mean LM losses, the full gradients
+(experts by global index) and the widths every rank sampled."""
 
 import os
 import re
@@ -14,7 +15,7 @@ from deepspeed import comm as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 from mose_ds import engine as engine_lib  # noqa: E402
 from mose_ds.train import branch_loss  # noqa: E402
-from mose_ds.widths import FULL_WIDTH, sample_width, uniform_policy  # noqa: E402
+from mose_ds.widths import FULL_WIDTH, normprob_policy, sample_width, uniform_policy  # noqa: E402
 
 GLOBAL_BATCH = 4
 
@@ -32,9 +33,10 @@ def main(out: str, ep: int, zero: int) -> None:
     widths = [sample_width(cfg.mose.grid, step, cfg.train.seed) for step in range(50)]
     full, lm_full, _ = branch_loss(engine, shard[:, :-1], shard[:, 1:], FULL_WIDTH)
     narrow, lm_narrow, _ = branch_loss(engine, shard[:, :-1], shard[:, 1:], uniform_policy(widths[0]))
-    engine.backward((full + narrow) / 2)
+    per_token, lm_per_token, _ = branch_loss(engine, shard[:, :-1], shard[:, 1:], normprob_policy(0.9))
+    engine.backward((full + narrow + per_token) / 3)
 
-    lm = torch.tensor([lm_full.item(), lm_narrow.item()], dtype=torch.float64)
+    lm = torch.tensor([lm_full.item(), lm_narrow.item(), lm_per_token.item()], dtype=torch.float64)
     dist.all_reduce(lm)
     expert_rank = rank % ep
     grads = {}

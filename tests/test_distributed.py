@@ -30,8 +30,10 @@ def torchrun(nproc, *args):
 @pytest.mark.parametrize("zero", [0, 2])
 def test_two_ranks_with_expert_parallelism_match_one_rank(tmp_path, zero):
     """EP=2 over 2 ranks vs 1 rank on the same global batch, no token dropped: same LM losses
-    and gradients. The load-balancing loss is off here: it is a product of per-rank means
-    (as in DeepSpeed and the paper's code), so it is not invariant to how a batch is split."""
+    and gradients, with uniform and with per-token widths (each slot's width crosses the
+    all-to-all with it; the 1-rank layer equals a per-token loop in test_moe_layer). The
+    load-balancing loss is off here: it is a product of per-rank means (as in DeepSpeed and
+    the paper's code), so it is not invariant to how a batch is split."""
     torchrun(1, tmp_path / "one.pt", 1, zero)
     torchrun(2, tmp_path / "two.pt", 2, zero)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
@@ -84,3 +86,13 @@ def test_deepspeed_launcher_trains_and_resumes_exactly_with_expert_parallelism(t
     assert a.keys() == b.keys() and sum("_expert_" in k for k in a) >= 8
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+    # the EP=2, ZeRO-2 checkpoint loads on one process (expert files hold global indices)
+    from mose_ds.inference import load_model
+    loaded = load_model(str(tmp_path / "straight"))
+    state = loaded.model.state_dict()
+    assert loaded.iteration == 3 and loaded.cfg.moe.expert_parallel_size == 1
+    for key, value in a.items():
+        name = key.split(":", 1)[1]
+        assert torch.equal(state[name], value.to(state[name].dtype)), name
+    assert {n for n in state if "deepspeed_experts" in n} == {k.split(":", 1)[1] for k in a if "_expert_" in k}

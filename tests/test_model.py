@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, clean_env, tiny_config
-from mose_ds.model import MoSEGPT, lm_loss
+from mose_ds.model import lm_loss
 from mose_ds.moe_layer import SlimmableMoE
 from mose_ds.widths import FULL_WIDTH, uniform_policy
 
@@ -39,6 +39,9 @@ def test_model_info_cli_prints_json():
                          check=True, capture_output=True, text=True, env=clean_env()).stdout
     info = json.loads(out)
     assert info["params_total"] == 55_118_592 and info["params_active_per_token"] == 33_884_928
+    # paper convention, d = 384: 6 x 4d^2 attention + 3 dense x 8d^2 + 3 MoE x 2 experts x 8d^2
+    assert info["mflops_per_token"]["paper"] == pytest.approx((24 + 24 + 48) * 384**2 / 1e6)
+    assert info["mflops_per_token"]["standard"] > 2 * info["mflops_per_token"]["paper"]
 
 
 def test_moe_in_every_other_block_starting_at_zero(world):

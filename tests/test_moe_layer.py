@@ -5,7 +5,7 @@ from conftest import tiny_config
 from mose_ds.gating import top_k_routing
 from mose_ds.model import transformer_config
 from mose_ds.moe_layer import SlimmableMoE
-from mose_ds.widths import hidden_units, uniform_policy
+from mose_ds.widths import hidden_units, normprob_policy, uniform_policy
 
 
 def build_moe(world, activation="gelu", **moe):
@@ -39,8 +39,9 @@ def router_prob_policy(p_TK, layer):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-@pytest.mark.parametrize("policy", [uniform_policy(1.0), uniform_policy(0.5), router_prob_policy],
-                         ids=["full", "uniform0.5", "per-token"])
+@pytest.mark.parametrize("policy", [uniform_policy(1.0), uniform_policy(0.5), router_prob_policy,
+                                    normprob_policy(1.0), normprob_policy(0.9, gamma=2.0, exact_budget=True)],
+                         ids=["full", "uniform0.5", "per-token", "normprob", "gamma-exact-budget"])
 def test_moe_equals_per_token_reference_loop_without_drops(world, activation, policy):
     layer = build_moe(world, activation)
     x_SBD = torch.randn(6, 3, 32)

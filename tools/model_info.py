@@ -4,7 +4,9 @@
     python tools/model_info.py ds_configs/gpt2_small_e8a2.yaml [--json] [key=value ...]
 
 `params_total` counts tied embeddings once; `params_active_per_token` keeps k of the E
-experts of every MoE layer (what one token runs through at full width).
+experts of every MoE layer (what one token runs through at full width). `mflops_per_token` is
+the forward compute of one token at full width over a full `seq_len` context, in the paper's
+and the standard convention (mose_ds/flops.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from mose_ds.config import ConfigError, load_config  # noqa: E402
 
 def model_info(cfg) -> dict:
     from mose_ds import engine
+    from mose_ds.flops import forward_flops_per_token
     from mose_ds.model import MoSEGPT, count_parameters
 
     engine.init_distributed()
@@ -35,7 +38,9 @@ def model_info(cfg) -> dict:
     expert = sum(p.numel() for m in moe_layers for p in m.local_experts.parameters())
     return {"name": cfg.model.name, **counts, "params_experts": expert,
             "num_layers": cfg.model.num_layers, "moe_layers": len(moe_layers),
-            "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k}
+            "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
+            "mflops_per_token": {c: forward_flops_per_token(cfg.model, cfg.moe, 1.0, c)["total"] / 1e6
+                                 for c in ("paper", "standard")}}
 
 
 def main(argv=None) -> int:
@@ -58,6 +63,8 @@ def main(argv=None) -> int:
         print(json.dumps(info))
     else:
         for key, value in info.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v:,.2f}" for k, v in value.items())
             print(f"{key:>26}: {value:,}" if isinstance(value, int) else f"{key:>26}: {value}")
     return 0
 

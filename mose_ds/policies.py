@@ -1,0 +1,111 @@
+"""Width policies from user-facing specifications (CLI flags, lm-eval model args, gamma tables).
+
+The maths lives in `widths.py`; this module turns names and files into policies and refuses
+bad specifications with one-line errors:
+
+* `full`      - plain MoE: every selected expert at full width (Gamma = k);
+* `uniform`   - every selected expert at `width`;
+* `normprob`  - router-conditioned widths with gamma = 1 (or a given gamma) under `budget`;
+* `gamma`     - the same with gamma learned by `tools/calibrate_gamma.py`, read from a gamma
+                table for `budget` and `gamma_mode` (shared / layerwise). The table must have
+                been made for these very weights (checked by digest) and layer count.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import yaml
+
+from .widths import FULL_WIDTH, WidthPolicy, normprob_policy, uniform_policy
+
+KINDS = ("full", "uniform", "normprob", "gamma")
+
+
+class PolicyError(ValueError):
+    """A bad policy specification or gamma table; the message names it."""
+
+
+@dataclass
+class PolicySpec:
+    kind: str = "full"
+    width: float | None = None
+    budget: float | None = None
+    gamma: float = 1.0
+    table: str | None = None
+    gamma_mode: str = "layerwise"
+    exact_budget: bool = False
+    continuous: bool = False           # do not round deployed widths to the training grid
+
+    def label(self) -> str:
+        if self.kind == "full":
+            return "full width"
+        if self.kind == "uniform":
+            return f"uniform w={self.width:g}"
+        if self.kind == "normprob":
+            return f"normprob Gamma={self.budget:g}" + (f" gamma={self.gamma:g}" if self.gamma != 1 else "")
+        return f"gamma-{self.gamma_mode} Gamma={self.budget:g}"
+
+
+def read_gamma_table(path: str, identity: dict | None = None) -> dict:
+    """A gamma table, checked against the checkpoint `identity` (LoadedModel.identity)."""
+    if not os.path.isfile(path):
+        raise PolicyError(f"gamma table {path}: no such file")
+    try:
+        with open(path) as f:
+            table = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise PolicyError(f"gamma table {path}: not YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(table, dict) or not isinstance(table.get("modes"), dict) or "checkpoint" not in table:
+        raise PolicyError(f"gamma table {path}: not a table written by tools/calibrate_gamma.py")
+    if identity is not None:
+        made_for = table["checkpoint"]
+        if made_for.get("moe_layers") != identity["moe_layers"]:
+            raise PolicyError(f"gamma table {path} is for a model with {made_for.get('moe_layers')} MoE layers, "
+                              f"this checkpoint has {identity['moe_layers']}")
+        if made_for.get("weights_sha256") != identity["weights_sha256"]:
+            raise PolicyError(f"gamma table {path} was calibrated for another checkpoint "
+                              f"({made_for.get('path')}, weights {str(made_for.get('weights_sha256'))[:12]}), "
+                              f"not {identity['path']} (weights {identity['weights_sha256'][:12]})")
+    return table
+
+
+def table_gammas(table: dict, mode: str, budget: float, path: str = "gamma table") -> list[float]:
+    entries = table["modes"].get(mode)
+    if entries is None:
+        raise PolicyError(f"{path} has no {mode!r} mode (it has {sorted(table['modes'])})")
+    for entry in entries:
+        if abs(entry["budget"] - budget) < 1e-9:
+            return [float(g) for g in entry["gamma"]]
+    raise PolicyError(f"{path} has no budget {budget:g} in mode {mode!r} "
+                      f"(calibrated: {[e['budget'] for e in entries]})")
+
+
+def build_policy(spec: PolicySpec, cfg, identity: dict | None = None) -> WidthPolicy:
+    """The policy of `spec` for a model of config `cfg` (a RunConfig)."""
+    k = cfg.moe.top_k
+    if spec.kind not in KINDS:
+        raise PolicyError(f"unknown policy {spec.kind!r}: expected one of {', '.join(KINDS)}")
+    if spec.kind == "full":
+        return FULL_WIDTH
+    if spec.kind == "uniform":
+        if spec.width is None or not 0 < spec.width <= 1:
+            raise PolicyError(f"uniform policy needs a width in (0, 1], got {spec.width}")
+        return uniform_policy(spec.width)
+    if spec.budget is None or not 0 < spec.budget <= k:
+        raise PolicyError(f"{spec.kind} policy needs a budget in (0, k={k}], got {spec.budget}")
+    grid = None if spec.continuous else cfg.mose.grid
+    wmin, wmax = cfg.mose.width_min, cfg.mose.width_max
+    if spec.kind == "normprob":
+        if spec.gamma <= 0:
+            raise PolicyError(f"normprob policy needs gamma > 0, got {spec.gamma}")
+        return normprob_policy(spec.budget, spec.gamma, wmin, wmax, grid, spec.exact_budget)
+    if not spec.table:
+        raise PolicyError("gamma policy needs a gamma table (from tools/calibrate_gamma.py)")
+    table = read_gamma_table(spec.table, identity)
+    gammas = table_gammas(table, spec.gamma_mode, spec.budget, spec.table)
+    deployed = table.get("policy", {})
+    return normprob_policy(spec.budget, gammas, deployed.get("wmin", wmin), deployed.get("wmax", wmax),
+                           None if not deployed.get("round_to_grid", True) else cfg.mose.grid,
+                           deployed.get("exact_budget", False))

@@ -1,0 +1,151 @@
+"""Width policy maths on hand-computed cases, the calibration relaxation, and FLOPs accounting
+against torch's FlopCounterMode."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import tiny_config
+from mose_ds.flops import FlopsMeter, forward_flops_per_token
+from mose_ds.model import MoSEGPT, lm_loss
+from mose_ds.moe_layer import SlimmableMoE
+from mose_ds.widths import (allocation, budget_widths, exact_budget_widths, normprob_policy,
+                            round_to_grid, uniform_policy)
+
+GRID = [round(0.25 + 0.05 * i, 2) for i in range(16)]
+
+
+def close(a, b):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), torch.tensor(b), atol=1e-5, rtol=0)
+
+
+def test_allocation_sharpens_with_gamma():
+    p = torch.tensor([[0.8, 0.2]])
+    close(allocation(p, 1.0), [[0.8, 0.2]])
+    close(allocation(p, 2.0), [[0.64 / 0.68, 0.04 / 0.68]])
+    close(allocation(p, 1e-6), [[0.5, 0.5]])                  # gamma -> 0: uniform split
+
+
+def test_budget_widths_clip():
+    q = torch.tensor([[0.8, 0.2], [0.5, 0.5]])
+    close(budget_widths(q, 1.0, 0.25, 1.0), [[0.8, 0.25], [0.5, 0.5]])
+    close(budget_widths(q, 1.5, 0.25, 1.0), [[1.0, 0.3], [0.75, 0.75]])
+
+
+@pytest.mark.parametrize("q, budget, expected", [
+    ([0.8, 0.2], 1.0, [0.75, 0.25]),            # raising the small one to wmin is paid by the other
+    ([0.9, 0.1], 1.2, [0.95, 0.25]),
+    ([0.8, 0.2], 1.5, [1.0, 0.5]),              # what wmax cut off goes to the other
+    ([0.6, 0.3, 0.1], 1.5, [0.6 * 1.25 / 0.9, 0.3 * 1.25 / 0.9, 0.25]),
+    ([0.5, 0.5], 1.0, [0.5, 0.5]),              # nothing clipped: plain Gamma * q
+    ([0.7, 0.3], 0.4, [0.25, 0.25]),            # infeasible (< k * wmin): the bound
+])
+def test_exact_budget_hand_cases(q, budget, expected):
+    w = exact_budget_widths(torch.tensor([q]), budget, 0.25, 1.0)
+    close(w, [expected])
+    if 2 * 0.25 <= budget:
+        close(w.sum(-1), [budget])
+
+
+def test_exact_budget_sums_to_budget_on_random_tokens():
+    q = torch.softmax(torch.randn(500, 4) * 3, dim=-1)
+    for budget in (1.0, 1.7, 2.5, 3.9):
+        w = exact_budget_widths(q, budget, 0.25, 1.0)
+        assert w.min() >= 0.25 - 1e-6 and w.max() <= 1.0 + 1e-6
+        torch.testing.assert_close(w.sum(-1), torch.full((500,), budget), atol=1e-4, rtol=0)
+
+
+def test_round_to_grid():
+    close(round_to_grid(torch.tensor([0.33, 0.326, 0.31, 0.1, 0.999, 1.0]), GRID),
+          [0.35, 0.35, 0.3, 0.25, 1.0, 1.0])
+
+
+def test_normprob_policy_layerwise_gamma_and_grid():
+    p = torch.tensor([[0.7, 0.3]])
+    shared = normprob_policy(1.0)
+    close(shared(p, 0), [[0.7, 0.3]])
+    layered = normprob_policy(1.0, gamma=[1.0, 2.0])
+    close(layered(p, 0), [[0.7, 0.3]])
+    close(layered(p, 1), [[0.49 / 0.58, 0.25]])                  # 0.155 clipped up to wmin
+    close(normprob_policy(1.0, gamma=[1.0, 2.0], grid=GRID)(p, 1), [[0.85, 0.25]])
+    with pytest.raises(ValueError, match="gamma"):
+        normprob_policy(1.0, gamma=-1.0)
+
+
+def tiny_model(world, **moe):
+    cfg = tiny_config(moe=moe, model={"num_layers": 4})          # MoE blocks 0 and 2
+    model = MoSEGPT(cfg.model, cfg.moe)
+    for layer in model.moe_layers():
+        layer.set_deepspeed_parallelism()
+    model.init_weights(0)
+    return model.eval()
+
+
+def test_relaxed_policy_matches_hard_widths_at_whole_units(world):
+    """At widths where w * H is a whole number the relaxation is the sliced expert."""
+    model = tiny_model(world)
+    x = torch.randint(0, 4096, (2, 32))
+    with torch.no_grad():
+        hard, _ = model(x, uniform_policy(0.5))
+        soft, _ = model(x, _relaxed_uniform(0.5))
+    torch.testing.assert_close(soft, hard)
+
+
+def _relaxed_uniform(width):
+    policy = uniform_policy(width)
+    policy.relaxed = True
+    return policy
+
+
+def test_gamma_gradient_is_finite_and_nonzero_where_widths_are_not_clipped(world):
+    model = tiny_model(world)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randint(0, 4096, (2, 33))
+    log_gamma = torch.zeros(2, requires_grad=True)                 # one per MoE layer
+    policy = normprob_policy(1.0, gamma=log_gamma.exp(), relaxed=True)
+    logits, routing = model(x[:, :-1], policy)
+    lm_loss(logits, x[:, 1:]).backward()
+    assert torch.isfinite(log_gamma.grad).all() and (log_gamma.grad != 0).all()
+    # all widths clipped (budget so large every expert is at wmax): no gradient at all
+    log_gamma.grad = None
+    logits, _ = model(x[:, :-1], normprob_policy(4.0, gamma=log_gamma.exp(), relaxed=True))
+    lm_loss(logits, x[:, 1:]).backward()
+    assert (log_gamma.grad == 0).all()
+
+
+@pytest.mark.parametrize("policy", [uniform_policy(1.0), uniform_policy(0.4), normprob_policy(1.0),
+                                    normprob_policy(1.3, gamma=[0.5, 3.0], exact_budget=True)],
+                         ids=["full", "uniform0.4", "normprob", "gamma-exact"])
+def test_flops_of_executed_widths_equal_flop_counter(world, policy):
+    """The standard convention counts exactly the matmuls torch runs (eager forward)."""
+    model = tiny_model(world, capacity_factor=1.0, eval_capacity_factor=1.0)   # some drops
+    x = torch.randint(0, 4096, (3, 32))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        _, routing = model(x, policy)
+    meter = FlopsMeter(model.cfg, model.moe_cfg)
+    meter.add(routing, 32)
+    counted = counter.get_total_flops()
+    assert meter.per_token("standard")["total"] * x.numel() == pytest.approx(counted, rel=0.01)
+    moe_names = {f"MoSEGPT.{name}" for name, m in model.named_modules() if isinstance(m, SlimmableMoE)}
+    moe_flops = sum(sum(c.values()) for k, c in counter.get_flop_counts().items() if k in moe_names)
+    assert len(moe_names) == 2 and moe_flops > 0
+    assert meter.per_token("standard")["moe"] * x.numel() == pytest.approx(moe_flops, rel=0.01)
+
+
+def test_paper_convention_at_full_width_hand_count():
+    """GPT-2 small E8A2 (d 384, 6 layers, 3 MoE): 6 * 4d^2 + 3 * 8d^2 + 3 * 2 experts * 8d^2."""
+    from mose_ds.config import load_config
+    cfg = load_config("ds_configs/gpt2_small_e8a2.yaml")
+    d = 384
+    paper = forward_flops_per_token(cfg.model, cfg.moe, convention="paper")
+    assert paper["total"] == 6 * 4 * d * d + 3 * 8 * d * d + 3 * 2 * 8 * d * d
+    assert paper["moe"] == 3 * 2 * 8 * d * d
+    half = forward_flops_per_token(cfg.model, cfg.moe, 0.5, convention="paper")
+    assert half["moe"] == paper["moe"] / 2 and half["attention"] == paper["attention"]
+    standard = forward_flops_per_token(cfg.model, cfg.moe)
+    assert standard["total"] > 2 * paper["total"]          # + scores, router, LM head
+    assert math.isclose(standard["other"] / 2 - paper["other"], d * cfg.model.vocab_size)

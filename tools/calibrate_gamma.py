@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Offline gamma calibration: learn the width-policy sharpness gamma for a list of budgets.
+
+    python tools/calibrate_gamma.py --ckpt runs/quickstart --budgets 0.5 0.75 1.0 1.25 1.5 [--mode both]
+    python tools/calibrate_gamma.py --ckpt runs/x/checkpoints/iter_00010000 --mode shared \
+        --data data/owt --split train --batches 50 --batch-size 6 --lr 0.01 --out gamma.yaml
+
+Loads a training checkpoint (any ZeRO stage, any expert-parallel layout) into one process,
+freezes every weight (checked before and after: the weights' digest must not change), and
+for each budget Gamma and each mode (one gamma per MoE layer, the default, or one shared by
+all layers) runs SGD on log gamma over the calibration stream with the relaxation of `mose_ds.calibrate`.
+Writes a gamma table (YAML) with the checkpoint's identity, the deployment settings, and per
+budget the learned gammas, the calibration loss with the relaxation and with hard deployed
+widths, and the MFLOPs/token those widths executed. `tools/evaluate.py --policy gamma`
+deploys it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+RELAXATION = ("soft prefix mask: hidden unit j weighted clamp(w*H - j, 0, 1) during calibration; "
+              "gamma learned as log(gamma) with SGD; deployed widths are hard slices ceil(w*H)")
+
+
+def fail(msg: str) -> int:
+    print(f"calibrate_gamma: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def default_budgets(k: int) -> list[float]:
+    """Five budgets evenly spread over (k * 0.25, k * 0.75]: the range where widths matter."""
+    return [round(k * f, 4) for f in (0.25, 0.375, 0.5, 0.625, 0.75)]
+
+
+def calibration_batches(args, cfg, codec_folder: str | None):
+    """`--batches` batches of `--batch-size` windows: sampled (seeded) from a prepared split,
+    or read in order from a text file."""
+    import torch
+    from mose_ds.data import TokenSplit
+    from mose_ds.inference import text_windows
+    from mose_ds.tokenizer import TextCodec
+    S, n = cfg.model.seq_len, args.batches * args.batch_size
+    if args.text:
+        if not os.path.isfile(args.text):
+            raise FileNotFoundError(f"--text: no such file: {args.text}")
+        with open(args.text, encoding="utf-8") as f:
+            windows = text_windows(TextCodec.for_data(codec_folder) if codec_folder else TextCodec(),
+                                   f.read(), S)
+        if len(windows) < n:
+            raise ValueError(f"--text {args.text}: {len(windows)} windows of {S + 1} tokens, "
+                             f"fewer than --batches x --batch-size = {n}")
+        rows = windows[:n]
+    else:
+        split = TokenSplit(args.data, args.split, S, cfg.model.vocab_size)
+        ids = np.random.default_rng(args.seed).permutation(split.num_windows)[:n]
+        if len(ids) < n:
+            raise ValueError(f"--data {args.data} ({args.split}): {split.num_windows} windows, fewer than "
+                             f"--batches x --batch-size = {n}")
+        rows = np.stack([split.tokens[i * S: i * S + S + 1] for i in ids]).astype(np.int64)
+    data = torch.from_numpy(rows).view(args.batches, args.batch_size, S + 1)
+    return [(b[:, :-1], b[:, 1:]) for b in data]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="a run folder, checkpoint folder, or tag folder")
+    p.add_argument("--budgets", type=float, nargs="+", help="per-token budgets Gamma in (0, k] "
+                   "(default: k x 0.25, 0.375, 0.5, 0.625, 0.75)")
+    p.add_argument("--mode", choices=["shared", "layerwise", "both"], default="layerwise",
+                   help="one gamma per MoE layer (default), one shared by all layers, or both")
+    p.add_argument("--data", help="prepared data folder for the calibration stream "
+                   "(default: the checkpoint's data.path)")
+    p.add_argument("--split", default="train", help="split of --data (default: train)")
+    p.add_argument("--text", help="calibrate on a text file instead of a prepared split")
+    p.add_argument("--batches", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=6)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0, help="which windows of the split are sampled")
+    p.add_argument("--exact-budget", action="store_true",
+                   help="redistribute clipped width so each token's widths sum to Gamma")
+    p.add_argument("--continuous", action="store_true",
+                   help="deploy continuous widths instead of rounding them to the training grid")
+    p.add_argument("--top-k", type=int, help="route to k' < k experts (routing transfer)")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--out", help="gamma table path (default: <run folder>/gamma_table.yaml)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    args = p.parse_args(argv)
+    if args.batches < 1 or args.batch_size < 1 or args.lr <= 0:
+        return fail("--batches and --batch-size must be >= 1 and --lr > 0")
+
+    with contextlib.redirect_stdout(sys.stderr):
+        from mose_ds.train import quiet_libraries
+        quiet_libraries()
+        import torch
+        from tqdm import tqdm
+
+        from mose_ds.calibrate import MODES, PolicySettings, WeightsChanged, calibrate, freeze
+        from mose_ds.checkpoint import CheckpointError
+        from mose_ds.config import ConfigError
+        from mose_ds.inference import load_model, weights_digest
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.time()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            loaded = load_model(args.ckpt, top_k=args.top_k, device=device)
+    except (CheckpointError, ConfigError) as e:
+        return fail(str(e))
+    cfg, model = loaded.cfg, loaded.model
+    k = cfg.moe.top_k
+    budgets = args.budgets or default_budgets(k)
+    bad = [b for b in budgets if not 0 < b <= k]
+    if bad:
+        return fail(f"budget(s) {bad} outside (0, k={k}] (k = active experts per token)")
+    run_folder = os.path.dirname(os.path.dirname(loaded.folder))
+    out = args.out or os.path.join(run_folder, "gamma_table.yaml")
+    if os.path.exists(out) and not args.force:
+        return fail(f"{out} exists (pass --force to overwrite, or --out elsewhere)")
+    args.data = args.data or cfg.data.path
+    try:
+        batches = calibration_batches(args, cfg, args.data if os.path.isdir(args.data) else None)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        return fail(str(e))
+
+    settings = PolicySettings(wmin=cfg.mose.width_min, wmax=cfg.mose.width_max,
+                              exact_budget=args.exact_budget,
+                              grid=None if args.continuous else cfg.mose.grid)
+    digest = freeze(model)
+    modes = MODES if args.mode == "both" else (args.mode,)
+    results = {mode: [] for mode in modes}
+    jobs = [(mode, b) for mode in modes for b in budgets]
+    print(f"calibrating {cfg.model.name} ({loaded.folder}) on {len(batches)} x {args.batch_size} x "
+          f"{cfg.model.seq_len} tokens: {len(jobs)} runs, lr {args.lr}, {device}", file=sys.stderr)
+    for i, (mode, budget) in enumerate(jobs):
+        bar = tqdm(total=len(batches), desc=f"[{i + 1}/{len(jobs)}] {mode} Gamma={budget:g}",
+                   file=sys.stderr, leave=False, dynamic_ncols=True)
+
+        def on_step(step, loss, bar=bar):
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+        results[mode].append(calibrate(model, batches, budget, mode, settings, args.lr, on_step))
+        bar.close()
+    if weights_digest(model) != digest:
+        raise WeightsChanged("model weights changed during calibration")
+
+    table = {
+        "checkpoint": loaded.identity,
+        "top_k": k,
+        "relaxation": RELAXATION,
+        "policy": {"wmin": settings.wmin, "wmax": settings.wmax, "exact_budget": settings.exact_budget,
+                   "round_to_grid": settings.grid is not None},
+        "calibration": {"data": os.path.abspath(args.text or args.data), "split": None if args.text else args.split,
+                        "batches": args.batches, "batch_size": args.batch_size, "seq_len": cfg.model.seq_len,
+                        "lr": args.lr, "optimizer": "SGD on log(gamma)", "seed": args.seed},
+        "modes": {mode: [{
+            "budget": r.budget, "gamma": [round(g, 6) for g in r.gamma],
+            "loss_relaxed": round(r.loss_relaxed, 6), "loss_hard": round(r.loss_hard, 6),
+            "mflops_per_token": {c: round(v, 4) for c, v in r.hard.mflops.items()},
+            "mean_width": round(r.hard.mean_width, 4)} for r in rs] for mode, rs in results.items()},
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(table, f, sort_keys=False)
+    os.replace(tmp, out)
+
+    print("\n  mode      | budget | gamma                  | loss relaxed | loss hard | MFLOPs/tok (paper) | width")
+    print("  ----------+--------+------------------------+--------------+-----------+--------------------+------")
+    for mode, rs in results.items():
+        for r in rs:
+            g = ", ".join(f"{x:.3f}" for x in (r.gamma[:1] if mode == "shared" else r.gamma))
+            print(f"  {mode:9s} | {r.budget:6.3f} | {g:22.22s} | {r.loss_relaxed:12.4f} | "
+                  f"{r.loss_hard:9.4f} | {r.hard.mflops['paper']:18.4f} | {r.hard.mean_width:.3f}")
+    print(f"\ncalibrate_gamma: {len(jobs)} runs in {time.time() - start:.0f}s, weights unchanged "
+          f"(sha256 {digest[:12]}) -> {os.path.abspath(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

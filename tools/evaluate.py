@@ -1,0 +1,431 @@
+#!/usr/bin/env python
+"""Evaluate a MoSE checkpoint under inference-time width policies.
+
+    python tools/evaluate.py ppl     --ckpt RUN [--policy uniform --width 0.5 | --policy normprob --budget 1.0
+                                     | --policy gamma --table RUN/gamma_table.yaml --budget 1.0] [--json]
+    python tools/evaluate.py sweep   --ckpt RUN --table RUN/gamma_table.yaml --out RUN/pareto [--json]
+    python tools/evaluate.py tasks   --ckpt RUN --task lambada --files lambada_test.jsonl [policy flags] [--json]
+    python tools/evaluate.py routing --ckpt RUN --out RUN/routing [--widths 0.25 0.5 1.0] [--json]
+
+Data for `ppl`, `sweep` and `routing`: a prepared split (`--data DIR --split val`, default the
+checkpoint's own data folder and its validation split) or a text file (`--text FILE`).
+`--top-k K` routes to K < k experts without retraining (routing transfer). Compute is measured
+from the widths actually executed (MFLOPs/token, paper and standard conventions, see
+mose_ds/flops.py). With --json, stdout carries one JSON object and nothing else.
+
+`sweep` evaluates the modes MoE-at-full-width, uniform (every grid width), normalised
+probability and, with a gamma table, gamma-shared and gamma-layerwise at each budget; it
+writes sweep.csv, pareto.png (perplexity vs MFLOPs/token with each mode's Pareto frontier),
+reduction.png (FLOPs reduction at matched perplexity against full width and against
+uniform), summary.json and TensorBoard scalars (step = kFLOPs/token, paper convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODES = ("full", "uniform", "normprob", "gamma-shared", "gamma-layerwise")
+COLORS = {"full": "black", "uniform": "tab:blue", "normprob": "tab:orange",
+          "gamma-shared": "tab:green", "gamma-layerwise": "tab:red"}
+
+
+class Failure(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+def add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--ckpt", required=True, help="a run folder, checkpoint folder, or tag folder")
+    p.add_argument("--top-k", type=int, help="route to k' < k experts (routing transfer)")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    if data:
+        p.add_argument("--data", help="prepared data folder (default: the checkpoint's data.path)")
+        p.add_argument("--split", default="val")
+        p.add_argument("--text", help="a text file instead of a prepared split")
+        p.add_argument("--batches", type=int, default=16, help="batches to evaluate (default 16)")
+        p.add_argument("--batch-size", type=int, help="sequences per batch (default: training micro-batch)")
+
+
+def add_policy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default="full", help="full | uniform | normprob | gamma")
+    p.add_argument("--width", type=float, help="uniform width in (0, 1]")
+    p.add_argument("--budget", type=float, help="per-token budget Gamma in (0, k]")
+    p.add_argument("--gamma", type=float, default=1.0, help="normprob sharpness (default 1)")
+    p.add_argument("--table", help="gamma table from tools/calibrate_gamma.py")
+    p.add_argument("--gamma-mode", default="layerwise", choices=["shared", "layerwise"])
+    p.add_argument("--exact-budget", action="store_true", help="widths of a token sum to Gamma")
+    p.add_argument("--continuous", action="store_true", help="do not round widths to the grid")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    ppl = sub.add_parser("ppl", help="perplexity and compute under one policy")
+    add_common(ppl)
+    add_policy(ppl)
+    sweep = sub.add_parser("sweep", help="budget sweep over the policy modes, CSV + plots + TensorBoard")
+    add_common(sweep)
+    sweep.add_argument("--table", help="gamma table (adds the gamma-shared / gamma-layerwise modes)")
+    sweep.add_argument("--budgets", type=float, nargs="+",
+                       help="budgets Gamma (default: the table's, else k x 0.25 .. 0.75)")
+    sweep.add_argument("--exact-budget", action="store_true")
+    sweep.add_argument("--continuous", action="store_true")
+    sweep.add_argument("--out", required=True, help="output folder")
+    sweep.add_argument("--force", action="store_true", help="overwrite files in --out")
+    tasks = sub.add_parser("tasks", help="zero-shot tasks scored as lm-evaluation-harness does")
+    add_common(tasks, data=False)
+    add_policy(tasks)
+    tasks.add_argument("--task", required=True, help="lambada | wikitext | hellaswag | piqa | siqa | wsc273")
+    tasks.add_argument("--files", nargs="+", required=True,
+                       help="the task's local file(s); piqa and siqa: the jsonl then the labels file")
+    tasks.add_argument("--limit", type=int, help="score only the first N items")
+    tasks.add_argument("--vocab-data", help="prepared data folder whose tokenizer the model uses "
+                       "(default: the checkpoint's data.path)")
+    routing = sub.add_parser("routing", help="expert-selection histograms, JS divergence, heatmaps")
+    add_common(routing)
+    routing.add_argument("--widths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    routing.add_argument("--out", required=True, help="output folder")
+    routing.add_argument("--force", action="store_true")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def load(args):
+    import torch
+    from mose_ds.checkpoint import CheckpointError
+    from mose_ds.config import ConfigError
+    from mose_ds.inference import load_model
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return load_model(args.ckpt, top_k=args.top_k, device=device)
+    except (CheckpointError, ConfigError) as e:
+        raise Failure(str(e)) from None
+
+
+def eval_batches(args, loaded):
+    """The evaluation batches of `--data/--split` or `--text`."""
+    from mose_ds.config import ConfigError
+    from mose_ds.inference import split_batches, text_windows, window_batches
+    from mose_ds.tokenizer import TextCodec
+    cfg = loaded.cfg
+    bs = args.batch_size or cfg.train.micro_batch_size
+    if args.batches < 1 or bs < 1:
+        raise Failure("--batches and --batch-size must be >= 1")
+    data = args.data or cfg.data.path
+    try:
+        if args.text:
+            if not os.path.isfile(args.text):
+                raise Failure(f"--text: no such file: {args.text}")
+            codec = TextCodec.for_data(data) if os.path.isdir(data) else TextCodec()
+            with open(args.text, encoding="utf-8") as f:
+                windows = text_windows(codec, f.read(), cfg.model.seq_len)
+            batches = list(window_batches(windows, bs, args.batches))
+            if not batches:
+                raise Failure(f"--text {args.text}: fewer than one batch of {bs} windows")
+            return batches, f"{args.text} ({sum(b[1].numel() for b in batches):,} tokens)"
+        batches = split_batches(data, args.split, cfg, bs, args.batches)
+        return batches, f"{data} [{args.split}] ({sum(b[1].numel() for b in batches):,} tokens)"
+    except (ConfigError, ValueError) as e:
+        raise Failure(str(e)) from None
+
+
+def policy_of(args, loaded, **override):
+    from mose_ds.policies import PolicyError, PolicySpec, build_policy
+    spec = PolicySpec(kind=args.policy, width=args.width, budget=args.budget, gamma=args.gamma,
+                      table=args.table, gamma_mode=args.gamma_mode, exact_budget=args.exact_budget,
+                      continuous=args.continuous)
+    for key, value in override.items():
+        setattr(spec, key, value)
+    try:
+        return build_policy(spec, loaded.cfg, loaded.identity), spec.label()
+    except PolicyError as e:
+        raise Failure(str(e)) from None
+
+
+def result_row(mode: str, budget, result) -> dict:
+    return {"mode": mode, "budget": budget, "ppl": result.ppl, "loss": result.loss,
+            "mflops_paper": result.mflops["paper"], "mflops_standard": result.mflops["standard"],
+            "mean_width": result.mean_width, "dropped": result.dropped, "tokens": result.tokens,
+            **{f"mflops_{k}": v for k, v in result.breakdown.items()}}
+
+
+def check_out(folder: str, names: list[str], force: bool) -> None:
+    existing = [n for n in names if os.path.exists(os.path.join(folder, n))]
+    if existing and not force:
+        raise Failure(f"{folder} already holds {', '.join(existing)} (pass --force to overwrite)")
+    os.makedirs(folder, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def cmd_ppl(args, say):
+    from mose_ds.inference import evaluate_policy
+    loaded = load(args)
+    policy, label = policy_of(args, loaded)
+    batches, source = eval_batches(args, loaded)
+    r = evaluate_policy(loaded.model, batches, policy)
+    say(f"{loaded.cfg.model.name} @ {loaded.folder}\n{label} on {source}\n"
+        f"  perplexity {r.ppl:.3f} (loss {r.loss:.4f}) | MFLOPs/token paper {r.mflops['paper']:.4f} "
+        f"standard {r.mflops['standard']:.4f} | mean executed width {r.mean_width:.3f} | dropped {r.dropped:.2%}")
+    return {"checkpoint": loaded.identity, "policy": label, "data": source, **result_row(args.policy, args.budget, r)}
+
+
+def sweep_plan(args, loaded) -> list[tuple[str, float | None, dict]]:
+    """(mode, budget, policy override) for every point of the sweep."""
+    from mose_ds.policies import PolicyError, read_gamma_table
+    cfg, k = loaded.cfg, loaded.cfg.moe.top_k
+    table = None
+    if args.table:
+        try:
+            table = read_gamma_table(args.table, loaded.identity)
+        except PolicyError as e:
+            raise Failure(str(e)) from None
+    budgets = args.budgets
+    if budgets is None:
+        budgets = sorted({e["budget"] for es in table["modes"].values() for e in es}) if table else \
+            [round(k * f, 4) for f in (0.25, 0.375, 0.5, 0.625, 0.75)]
+    bad = [b for b in budgets if not 0 < b <= k]
+    if bad:
+        raise Failure(f"budget(s) {bad} outside (0, k={k}]")
+    plan = [("full", float(k), {"kind": "full"})]
+    plan += [("uniform", round(w * k, 6), {"kind": "uniform", "width": w}) for w in cfg.mose.grid if w < 1]
+    plan += [("normprob", b, {"kind": "normprob", "budget": b}) for b in budgets]
+    if table:
+        for mode in ("shared", "layerwise"):
+            plan += [(f"gamma-{mode}", b, {"kind": "gamma", "budget": b, "table": args.table, "gamma_mode": mode})
+                     for b in budgets if mode in table["modes"]]
+    return plan
+
+
+def cmd_sweep(args, say):
+    from mose_ds import pareto
+    from mose_ds.inference import evaluate_policy
+    from mose_ds.monitor import Monitor
+    loaded = load(args)
+    names = ["sweep.csv", "pareto.png", "reduction.png", "summary.json"]
+    check_out(args.out, names, args.force)
+    batches, source = eval_batches(args, loaded)
+    args.policy, args.width, args.budget, args.gamma, args.gamma_mode = "full", None, None, 1.0, "layerwise"
+    plan = sweep_plan(args, loaded)
+    say(f"sweep of {loaded.cfg.model.name} ({loaded.folder}) on {source}: {len(plan)} points")
+    rows, start = [], time.time()
+    for i, (mode, budget, override) in enumerate(plan):
+        policy, label = policy_of(args, loaded, **override)
+        r = evaluate_policy(loaded.model, batches, policy)
+        rows.append(result_row(mode, budget, r))
+        say(f"  [{i + 1}/{len(plan)}] {label:28s} ppl {r.ppl:9.3f} | {r.mflops['paper']:.4f} MFLOPs/token "
+            f"| width {r.mean_width:.3f} | {time.time() - start:.0f}s")
+
+    with open(os.path.join(args.out, "sweep.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    points = {m: [(r["mflops_paper"], r["ppl"]) for r in rows if r["mode"] == m] for m in MODES}
+    points = {m: p for m, p in points.items() if p}
+    uniform_ref = points["uniform"] + points["full"]          # w = 1 closes the uniform frontier
+    full_flops = points["full"][0][0]
+    summary = {"checkpoint": loaded.identity, "data": source, "rows": rows, "vs_uniform": {}}
+    for mode in points:
+        if mode in ("full", "uniform"):
+            continue
+        flags = pareto.below(points[mode], uniform_ref)
+        summary["vs_uniform"][mode] = {
+            "below_uniform_frontier": sum(f is True for f in flags),
+            "above_uniform_frontier": sum(f is False for f in flags),
+            "not_comparable": sum(f is None for f in flags),
+            "flops_reduction_at_matched_ppl": pareto.flops_reduction(points[mode], uniform_ref)}
+    plot_pareto(points, os.path.join(args.out, "pareto.png"), loaded.cfg.model.name)
+    plot_reduction(points, uniform_ref, full_flops, os.path.join(args.out, "reduction.png"))
+    monitor = Monitor(args.out, True, [])
+    for r in rows:
+        step = int(round(r["mflops_paper"] * 1000))
+        monitor.scalars({f"sweep/{r['mode']}/ppl": r["ppl"], f"sweep/{r['mode']}/mean_width": r["mean_width"]}, step)
+    monitor.close()
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+    say(compute_quality_table(rows))
+    for mode, s in summary["vs_uniform"].items():
+        say(f"  {mode}: below the uniform frontier at {s['below_uniform_frontier']} of {len(points[mode])} budgets, "
+            f"above at {s['above_uniform_frontier']}")
+    say(f"\nsweep: {len(rows)} points in {time.time() - start:.0f}s -> {os.path.abspath(args.out)}/"
+        f"{{{','.join(names)}}} + TensorBoard ({monitor.path})")
+    return summary
+
+
+def compute_quality_table(rows: list[dict]) -> str:
+    lines = ["", "  mode            | budget | mean width | MFLOPs/tok paper | standard | perplexity",
+             "  ----------------+--------+------------+------------------+----------+-----------"]
+    for r in rows:
+        lines.append(f"  {r['mode']:15s} | {r['budget']:6.3f} | {r['mean_width']:10.3f} | "
+                     f"{r['mflops_paper']:16.4f} | {r['mflops_standard']:8.3f} | {r['ppl']:10.3f}")
+    return "\n".join(lines)
+
+
+def plot_pareto(points, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mose_ds import pareto
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, pts in points.items():
+        xs, ys = zip(*pts)
+        ax.scatter(xs, ys, color=COLORS[mode], s=18, alpha=0.6, marker="*" if mode == "full" else "o")
+        front = pareto.frontier(pts + (points["full"] if mode == "uniform" else []))
+        fx, fy = zip(*front)
+        ax.plot(fx, fy, color=COLORS[mode], label=mode)
+    ax.set_xlabel("MFLOPs / token (paper convention, measured)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"{title}: perplexity vs compute, Pareto frontiers")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reduction(points, uniform_ref, full_flops, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mose_ds import pareto
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, pts in points.items():
+        if mode == "full":
+            continue
+        front = pareto.frontier(pts)
+        left.plot([p for _, p in front], [100 * (1 - f / full_flops) for f, _ in front], "o-",
+                  color=COLORS[mode], label=mode)
+        if mode != "uniform":
+            red = pareto.flops_reduction(pts, uniform_ref)
+            if red:
+                right.plot([p for p, _ in red], [100 * r for _, r in red], "o-", color=COLORS[mode], label=mode)
+    left.set_title("FLOPs saved vs MoE at full width")
+    right.set_title("FLOPs saved vs uniform width, at matched perplexity")
+    for ax in (left, right):
+        ax.set_xlabel("perplexity")
+        ax.set_ylabel("FLOPs reduction (%)")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_tasks(args, say):
+    from mose_ds.scoring import Scorer
+    from mose_ds.tasks import TaskError, run_task
+    from mose_ds.tokenizer import TextCodec
+    from mose_ds.config import ConfigError
+    loaded = load(args)
+    policy, label = policy_of(args, loaded)
+    data = args.vocab_data or loaded.cfg.data.path
+    try:
+        codec = TextCodec.for_data(data) if os.path.isdir(data) else TextCodec()
+    except ConfigError as e:
+        raise Failure(str(e)) from None
+    scorer = Scorer(loaded.model, codec, policy)
+    try:
+        metrics = run_task(args.task, scorer, args.files, args.limit)
+    except TaskError as e:
+        raise Failure(str(e)) from None
+    mflops = scorer.meter.mflops()
+    unk = codec.unknown / max(codec.encoded, 1)
+    say(f"{args.task} | {label} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in metrics.items())
+        + f" | MFLOPs/token paper {mflops['paper']:.4f} | unknown tokens {unk:.2%}")
+    return {"checkpoint": loaded.identity, "task": args.task, "policy": label, **metrics,
+            "mflops_per_token": mflops, "unknown_token_rate": unk}
+
+
+def js_divergence(p, q) -> float:
+    """Jensen-Shannon divergence (natural log, in [0, ln 2]) of two histograms."""
+    import torch
+    p = torch.as_tensor(p, dtype=torch.float64)
+    q = torch.as_tensor(q, dtype=torch.float64)
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(a, b):
+        mask = a > 0
+        return float((a[mask] * (a[mask] / b[mask]).log()).sum())
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def cmd_routing(args, say):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from mose_ds.inference import evaluate_policy
+    from mose_ds.widths import uniform_policy
+    loaded = load(args)
+    bad = [w for w in args.widths if not 0 < w <= 1]
+    if bad:
+        raise Failure(f"--widths {bad} outside (0, 1]")
+    names = [f"experts_w{w:.2f}.png" for w in args.widths] + ["routing.json"]
+    check_out(args.out, names, args.force)
+    batches, source = eval_batches(args, loaded)
+    hist = {}
+    for w in args.widths:
+        r = evaluate_policy(loaded.model, batches, uniform_policy(w))
+        hist[w] = np.array(r.counts)                                        # [layers, E]
+        share = hist[w] / hist[w].sum(1, keepdims=True)
+        fig, ax = plt.subplots(figsize=(1 + 0.5 * share.shape[1], 1 + 0.6 * share.shape[0]))
+        im = ax.imshow(share, cmap="viridis", vmin=0, aspect="auto")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_title(f"expert utilisation, w={w:.2f}")
+        fig.colorbar(im, ax=ax, label="share of routed choices")
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, f"experts_w{w:.2f}.png"), dpi=110)
+        plt.close(fig)
+    pairs = {}
+    for i, a in enumerate(args.widths):
+        for b in args.widths[i + 1:]:
+            per_layer = [js_divergence(x, y) for x, y in zip(hist[a], hist[b])]
+            pairs[f"{a:.2f}-{b:.2f}"] = {"global": js_divergence(hist[a].sum(0), hist[b].sum(0)),
+                                         "per_layer": per_layer}
+    out = {"checkpoint": loaded.identity, "data": source, "top_k": loaded.cfg.moe.top_k,
+           "histograms": {f"{w:.2f}": hist[w].tolist() for w in args.widths}, "js_divergence": pairs}
+    with open(os.path.join(args.out, "routing.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    say(f"routing of {loaded.cfg.model.name} (k={loaded.cfg.moe.top_k}) on {source}")
+    for pair, v in pairs.items():
+        say(f"  JS divergence w={pair}: global {v['global']:.2e}, per layer "
+            + ", ".join(f"{x:.2e}" for x in v["per_layer"]))
+    say(f"routing: {len(args.widths)} heatmaps + routing.json -> {os.path.abspath(args.out)}")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    command = {"ppl": cmd_ppl, "sweep": cmd_sweep, "tasks": cmd_tasks, "routing": cmd_routing}[args.command]
+    try:
+        # library chatter (DeepSpeed's logger binds stdout at import) goes to stderr
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            from mose_ds.train import quiet_libraries
+            quiet_libraries()
+            result = command(args, say)
+    except Failure as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
