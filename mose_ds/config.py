@@ -60,6 +60,10 @@ class ModelConfig:
     def is_moe_layer(self, index: int) -> bool:
         return index >= self.moe_offset and (index - self.moe_offset) % self.moe_every == 0
 
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
 
 @dataclass
 class MoEConfig:

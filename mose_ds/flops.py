@@ -17,10 +17,12 @@ costs three forward passes. Pure functions of the config and the executed hidden
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
+import torch
+
 from .config import ModelConfig, MoEConfig
+from .widths import hidden_units
 
 CONVENTIONS = ("paper", "standard")
 
@@ -34,7 +36,7 @@ def flops_per_token(model: ModelConfig, moe: MoEConfig, units_per_token: Sequenc
         raise ValueError(f"unknown FLOPs convention {convention!r}: expected one of {CONVENTIONS}")
     d, H, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
     gated = 3 if model.activation == "swiglu" else 2          # matrices per FFN
-    n_moe = sum(model.is_moe_layer(i) for i in range(L))
+    n_moe = model.num_moe_layers
     if len(units_per_token) != n_moe:
         raise ValueError(f"{len(units_per_token)} MoE layer widths for a model with {n_moe} MoE layers")
     macs = {"moe": gated * d * float(sum(units_per_token)),
@@ -51,9 +53,8 @@ def flops_per_token(model: ModelConfig, moe: MoEConfig, units_per_token: Sequenc
 
 def full_width_units(model: ModelConfig, moe: MoEConfig, width: float = 1.0) -> list[float]:
     """Units per token of every MoE layer when all k slots run at `width` and none is dropped."""
-    m = min(model.ffn_hidden_size, max(1, math.ceil(width * model.ffn_hidden_size - 1e-4)))
-    n_moe = sum(model.is_moe_layer(i) for i in range(model.num_layers))
-    return [float(moe.top_k * m)] * n_moe
+    m = int(hidden_units(torch.tensor(width), model.ffn_hidden_size))
+    return [float(moe.top_k * m)] * model.num_moe_layers
 
 
 def forward_flops_per_token(model: ModelConfig, moe: MoEConfig, width: float = 1.0,

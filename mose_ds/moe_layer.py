@@ -122,17 +122,17 @@ class SlimmableMoE(MoE):
 
         # 4. Experts, on this rank or across the expert-parallel group.
         relaxed = getattr(width_policy, "relaxed", False)
-        if relaxed:
-            if self.ep_size != 1:
-                raise RuntimeError("relaxed width policies (gamma calibration) run with expert_parallel_size=1")
+        if self.ep_size == 1:
             counts = torch.bincount(idx_TK.reshape(-1)[slot_S], minlength=E).tolist()
-            w_S = w_TK.reshape(-1)[slot_S]
-            y_SD = torch.cat([expert.forward_relaxed(x, w) for expert, x, w in
-                              zip(self.local_experts, x_SD.split(counts), w_S.split(counts))])
-        elif self.ep_size == 1:
-            counts = torch.bincount(idx_TK.reshape(-1)[slot_S], minlength=E).tolist()
-            y_SD = torch.cat([expert.forward_slots(x, m) for expert, x, m in
-                              zip(self.local_experts, x_SD.split(counts), m_S.split(counts))])
+            if relaxed:
+                w_S = w_TK.reshape(-1)[slot_S]
+                y_SD = torch.cat([expert.forward_relaxed(x, w) for expert, x, w in
+                                  zip(self.local_experts, x_SD.split(counts), w_S.split(counts))])
+            else:
+                y_SD = torch.cat([expert.forward_slots(x, m) for expert, x, m in
+                                  zip(self.local_experts, x_SD.split(counts), m_S.split(counts))])
+        elif relaxed:
+            raise RuntimeError("relaxed width policies (gamma calibration) run with expert_parallel_size=1")
         else:
             y_SD = self._run_expert_parallel(x_SD, m_S, dest_S, C)
 

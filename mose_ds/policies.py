@@ -27,6 +27,18 @@ class PolicyError(ValueError):
     """A bad policy specification or gamma table; the message names it."""
 
 
+def default_budgets(k: int) -> list[float]:
+    """Five budgets evenly spread over [k * 0.25, k * 0.75]: the range where widths matter."""
+    return [round(k * f, 4) for f in (0.25, 0.375, 0.5, 0.625, 0.75)]
+
+
+def check_budgets(budgets, k: int) -> None:
+    """Refuse per-token budgets outside (0, k]: Gamma counts full-expert widths of k experts."""
+    bad = [b for b in budgets if not 0 < b <= k]
+    if bad:
+        raise PolicyError(f"budget(s) {bad} outside (0, k={k}] (k = active experts per token)")
+
+
 @dataclass
 class PolicySpec:
     kind: str = "full"
@@ -93,8 +105,9 @@ def build_policy(spec: PolicySpec, cfg, identity: dict | None = None) -> WidthPo
         if spec.width is None or not 0 < spec.width <= 1:
             raise PolicyError(f"uniform policy needs a width in (0, 1], got {spec.width}")
         return uniform_policy(spec.width)
-    if spec.budget is None or not 0 < spec.budget <= k:
-        raise PolicyError(f"{spec.kind} policy needs a budget in (0, k={k}], got {spec.budget}")
+    if spec.budget is None:
+        raise PolicyError(f"{spec.kind} policy needs a budget in (0, k={k}]")
+    check_budgets([spec.budget], k)
     grid = None if spec.continuous else cfg.mose.grid
     wmin, wmax = cfg.mose.width_min, cfg.mose.width_max
     if spec.kind == "normprob":

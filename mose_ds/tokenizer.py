@@ -57,8 +57,11 @@ class TextCodec:
 
     @classmethod
     def for_data(cls, folder: str) -> "TextCodec":
-        """The codec of a folder written by `tools/prepare_data.py`."""
+        """The codec of a folder written by `tools/prepare_data.py`; plain GPT-2 for anything
+        else (a model evaluated on raw text it was not prepared with)."""
         from .data import read_meta
+        if not os.path.isdir(folder):
+            return cls()
         meta = read_meta(folder)
         if meta.get("compact_vocab"):
             return cls(np.load(os.path.join(folder, meta["compact_vocab"])))

@@ -102,7 +102,7 @@ def test_gamma_table_for_another_checkpoint_or_layer_count_is_refused(trained, t
         build_policy(PolicySpec(kind="gamma", budget=1.5, table=str(path)), loaded.cfg, loaded.identity)
     with pytest.raises(PolicyError, match="unknown policy 'topk'"):
         build_policy(PolicySpec(kind="topk"), loaded.cfg)
-    with pytest.raises(PolicyError, match=r"budget in \(0, k=2\]"):
+    with pytest.raises(PolicyError, match=r"outside \(0, k=2\]"):
         build_policy(PolicySpec(kind="normprob", budget=0.0), loaded.cfg)
 
 
@@ -146,7 +146,7 @@ def test_routing_transfer_and_diagnostics(trained, tmp_path, capsys):
 def test_evaluate_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     cases = [
         (["ppl", "--ckpt", trained, "--policy", "sparse"], "unknown policy 'sparse'"),
-        (["ppl", "--ckpt", trained, "--policy", "normprob", "--budget", "3"], "budget in (0, k=2]"),
+        (["ppl", "--ckpt", trained, "--policy", "normprob", "--budget", "3"], "budget(s) [3.0] outside (0, k=2]"),
         (["ppl", "--ckpt", trained, "--policy", "gamma", "--budget", "1", "--table", str(tmp_path / "no.yaml")],
          "no such file"),
         (["ppl", "--ckpt", str(tmp_path / "missing")], "no such checkpoint"),

@@ -37,12 +37,7 @@ def fail(msg: str) -> int:
     return 2
 
 
-def default_budgets(k: int) -> list[float]:
-    """Five budgets evenly spread over (k * 0.25, k * 0.75]: the range where widths matter."""
-    return [round(k * f, 4) for f in (0.25, 0.375, 0.5, 0.625, 0.75)]
-
-
-def calibration_batches(args, cfg, codec_folder: str | None):
+def calibration_batches(args, cfg, codec_folder: str):
     """`--batches` batches of `--batch-size` windows: sampled (seeded) from a prepared split,
     or read in order from a text file."""
     import torch
@@ -54,8 +49,7 @@ def calibration_batches(args, cfg, codec_folder: str | None):
         if not os.path.isfile(args.text):
             raise FileNotFoundError(f"--text: no such file: {args.text}")
         with open(args.text, encoding="utf-8") as f:
-            windows = text_windows(TextCodec.for_data(codec_folder) if codec_folder else TextCodec(),
-                                   f.read(), S)
+            windows = text_windows(TextCodec.for_data(codec_folder), f.read(), S)
         if len(windows) < n:
             raise ValueError(f"--text {args.text}: {len(windows)} windows of {S + 1} tokens, "
                              f"fewer than --batches x --batch-size = {n}")
@@ -108,6 +102,7 @@ def main(argv=None) -> int:
         from mose_ds.checkpoint import CheckpointError
         from mose_ds.config import ConfigError
         from mose_ds.inference import load_model, weights_digest
+        from mose_ds.policies import PolicyError, check_budgets, default_budgets
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.time()
     try:
@@ -118,16 +113,17 @@ def main(argv=None) -> int:
     cfg, model = loaded.cfg, loaded.model
     k = cfg.moe.top_k
     budgets = args.budgets or default_budgets(k)
-    bad = [b for b in budgets if not 0 < b <= k]
-    if bad:
-        return fail(f"budget(s) {bad} outside (0, k={k}] (k = active experts per token)")
+    try:
+        check_budgets(budgets, k)
+    except PolicyError as e:
+        return fail(str(e))
     run_folder = os.path.dirname(os.path.dirname(loaded.folder))
     out = args.out or os.path.join(run_folder, "gamma_table.yaml")
     if os.path.exists(out) and not args.force:
         return fail(f"{out} exists (pass --force to overwrite, or --out elsewhere)")
     args.data = args.data or cfg.data.path
     try:
-        batches = calibration_batches(args, cfg, args.data if os.path.isdir(args.data) else None)
+        batches = calibration_batches(args, cfg, args.data)
     except (FileNotFoundError, ValueError, ConfigError) as e:
         return fail(str(e))
 

@@ -126,7 +126,7 @@ def eval_batches(args, loaded):
         if args.text:
             if not os.path.isfile(args.text):
                 raise Failure(f"--text: no such file: {args.text}")
-            codec = TextCodec.for_data(data) if os.path.isdir(data) else TextCodec()
+            codec = TextCodec.for_data(data)
             with open(args.text, encoding="utf-8") as f:
                 windows = text_windows(codec, f.read(), cfg.model.seq_len)
             batches = list(window_batches(windows, bs, args.batches))
@@ -182,7 +182,7 @@ def cmd_ppl(args, say):
 
 def sweep_plan(args, loaded) -> list[tuple[str, float | None, dict]]:
     """(mode, budget, policy override) for every point of the sweep."""
-    from mose_ds.policies import PolicyError, read_gamma_table
+    from mose_ds.policies import PolicyError, check_budgets, default_budgets, read_gamma_table
     cfg, k = loaded.cfg, loaded.cfg.moe.top_k
     table = None
     if args.table:
@@ -193,10 +193,11 @@ def sweep_plan(args, loaded) -> list[tuple[str, float | None, dict]]:
     budgets = args.budgets
     if budgets is None:
         budgets = sorted({e["budget"] for es in table["modes"].values() for e in es}) if table else \
-            [round(k * f, 4) for f in (0.25, 0.375, 0.5, 0.625, 0.75)]
-    bad = [b for b in budgets if not 0 < b <= k]
-    if bad:
-        raise Failure(f"budget(s) {bad} outside (0, k={k}]")
+            default_budgets(k)
+    try:
+        check_budgets(budgets, k)
+    except PolicyError as e:
+        raise Failure(str(e)) from None
     plan = [("full", float(k), {"kind": "full"})]
     plan += [("uniform", round(w * k, 6), {"kind": "uniform", "width": w}) for w in cfg.mose.grid if w < 1]
     plan += [("normprob", b, {"kind": "normprob", "budget": b}) for b in budgets]
@@ -332,7 +333,7 @@ def cmd_tasks(args, say):
     policy, label = policy_of(args, loaded)
     data = args.vocab_data or loaded.cfg.data.path
     try:
-        codec = TextCodec.for_data(data) if os.path.isdir(data) else TextCodec()
+        codec = TextCodec.for_data(data)
     except ConfigError as e:
         raise Failure(str(e)) from None
     scorer = Scorer(loaded.model, codec, policy)

@@ -26,7 +26,7 @@ from mose_ds.config import ConfigError, load_config  # noqa: E402
 
 def model_info(cfg) -> dict:
     from mose_ds import engine
-    from mose_ds.flops import forward_flops_per_token
+    from mose_ds.flops import CONVENTIONS, forward_flops_per_token
     from mose_ds.model import MoSEGPT, count_parameters
 
     engine.init_distributed()
@@ -40,7 +40,7 @@ def model_info(cfg) -> dict:
             "num_layers": cfg.model.num_layers, "moe_layers": len(moe_layers),
             "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
             "mflops_per_token": {c: forward_flops_per_token(cfg.model, cfg.moe, 1.0, c)["total"] / 1e6
-                                 for c in ("paper", "standard")}}
+                                 for c in CONVENTIONS}}
 
 
 def main(argv=None) -> int:
