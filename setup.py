@@ -28,6 +28,7 @@ setup(
     ],
     extras_require={
         "eval": ["lm_eval==0.4.13"],                      # the lm-evaluation-harness adapter
-        "test": ["pytest==9.2.0", "lm_eval==0.4.13"],
+        "test": ["pytest==9.2.0", "lm_eval==0.4.13",
+                 "transformers==5.23.0"],                  # the DeepSeek-V2 reference in tests
     },
 )

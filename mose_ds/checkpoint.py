@@ -6,10 +6,15 @@ one file per expert) plus, in the same tag folder, the resolved `config.yaml` an
 client state. The `latest` pointer is written by us, atomically, only after every rank has
 finished writing, so an interrupted save never becomes the checkpoint a resume picks.
 Resuming with a config whose architecture differs from the checkpoint's is refused.
+
+`checkpoint.init_from` is the other way in: a weights folder (written by
+`tools/convert_hf_to_mose.py`) whose tensors initialise a new run at iteration 0 with a fresh
+optimizer, under any expert-parallel layout. Resuming continues a run; init_from starts one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -136,3 +141,44 @@ def load(engine, folder: str) -> TrainState:
     if os.path.exists(rng_path):
         _set_rng_state(torch.load(rng_path, weights_only=False))
     return TrainState(iteration=client["iteration"], data_position=client["data_position"])
+
+
+WEIGHTS_INDEX = "weights.index.json"
+
+
+@torch.no_grad()
+def load_weights(model, folder: str, expert_rank: int = 0) -> int:
+    """Copy a weights folder into `model` (this rank's experts only); returns tensors read.
+
+    Every parameter must be present with its shape: a partial folder is refused, never
+    half-loaded into a run. Values are cast to the parameter's dtype.
+    """
+    from .shards import ShardError, read_header, read_tensor
+    index_path = os.path.join(folder, WEIGHTS_INDEX)
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint.init_from: {index_path} is missing (not a folder written by "
+                              "tools/convert_hf_to_mose.py)") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint.init_from: {index_path} is not a weights index") from None
+    params = dict(model.global_parameters(expert_rank))
+    missing = [n for n in params if n not in weight_map]
+    if missing:
+        raise CheckpointError(f"checkpoint.init_from: {folder} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    headers = {}
+    try:
+        for file in sorted({weight_map[n] for n in params}):
+            headers[file] = read_header(os.path.join(folder, file))
+        for name, param in params.items():
+            entry = headers[weight_map[name]].get(name)
+            if entry is None or tuple(entry.shape) != tuple(param.shape):
+                found = "absent" if entry is None else f"shape {list(entry.shape)}"
+                raise CheckpointError(f"checkpoint.init_from: {name} in {weight_map[name]} is {found}, "
+                                      f"the model has {list(param.shape)}")
+        for name, param in params.items():
+            param.copy_(read_tensor(headers[weight_map[name]][name]))
+    except ShardError as e:
+        raise CheckpointError(f"checkpoint.init_from: {e}") from None
+    return len(params)

@@ -25,10 +25,23 @@ class ConfigError(ValueError):
     """A bad recipe, key or value; the message is one line that names the offender."""
 
 
+FAMILIES = ("gpt2", "deepseek_v2")
+
+
 @dataclass
 class ModelConfig:
-    """GPT-2-style decoder; MoE blocks are `moe_offset, moe_offset + moe_every, ...`."""
+    """The decoder; MoE blocks are `moe_offset, moe_offset + moe_every, ...`.
+
+    `family: gpt2` is the paper's GPT-2-style model. `family: deepseek_v2` is built from an
+    HF DeepSeek-V2 `config.json` (`hf_config`, a file or its folder): the architecture keys
+    below are derived from it, its contents are kept in `hf` (so checkpoints carry them), and
+    a recipe may only repeat a derived key with the same value. `ffn_hidden` and
+    `expert_hidden` override the dense and expert FFN sizes (0: `ffn_mult * hidden_size`).
+    """
     name: str = "custom"
+    family: str = "gpt2"
+    hf_config: str = ""
+    hf: dict = field(default_factory=dict)
     num_layers: int = 6
     num_heads: int = 6
     hidden_size: int = 384
@@ -41,10 +54,19 @@ class ModelConfig:
     init_std: float = 0.02
     layernorm_eps: float = 1e-5
     tie_embeddings: bool = True
+    ffn_hidden: int = 0
+    expert_hidden: int = 0
 
     def __post_init__(self):
         _positive(self, "num_layers", "num_heads", "hidden_size", "ffn_mult", "vocab_size",
                   "seq_len", "moe_every", "init_std", "layernorm_eps")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family={self.family!r}: expected one of {', '.join(FAMILIES)}")
+        if (self.family == "deepseek_v2") != bool(self.hf):
+            raise ConfigError("model.family=deepseek_v2 needs model.hf_config (an HF DeepSeek-V2 config.json), "
+                              "and only that family takes one")
+        if self.ffn_hidden < 0 or self.expert_hidden < 0:
+            raise ConfigError("model.ffn_hidden and model.expert_hidden must be >= 0 (0: ffn_mult * hidden_size)")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
                               f"model.num_heads={self.num_heads}")
@@ -55,7 +77,18 @@ class ModelConfig:
 
     @property
     def ffn_hidden_size(self) -> int:
-        return self.ffn_mult * self.hidden_size
+        """Hidden size of the dense FFN blocks."""
+        return self.ffn_hidden or self.ffn_mult * self.hidden_size
+
+    @property
+    def expert_hidden_size(self) -> int:
+        """Hidden size H of one routed expert (the slimmable dimension)."""
+        return self.expert_hidden or self.ffn_hidden_size
+
+    @property
+    def shared_expert_hidden_size(self) -> int:
+        """Hidden size of the always-on shared experts of a MoE block (0: none)."""
+        return (self.hf.get("n_shared_experts") or 0) * self.expert_hidden_size
 
     def is_moe_layer(self, index: int) -> bool:
         return index >= self.moe_offset and (index - self.moe_offset) % self.moe_every == 0
@@ -77,6 +110,7 @@ class MoEConfig:
     load_balance_coef: float = 0.01
     z_loss_coef: float = 0.001
     expert_parallel_size: int = 1
+    shared_slimmable: bool = False     # DeepSeek shared experts follow the routed widths
 
     def __post_init__(self):
         _positive(self, "num_experts", "top_k", "expert_parallel_size")
@@ -232,11 +266,14 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    """`resume`: 'auto' (latest in `dir` if any), 'never', or a checkpoint directory."""
+    """`resume`: 'auto' (latest in `dir` if any), 'never', or a checkpoint directory.
+    `init_from`: a weights folder (tools/convert_hf_to_mose.py) that starts a new run
+    (continual pre-training); a run that finds a checkpoint to resume resumes instead."""
     dir: str = ""
     interval: int = 1000
     resume: str = "auto"
     save_final: bool = True
+    init_from: str = ""
 
     def __post_init__(self):
         _positive(self, "interval")
@@ -261,7 +298,8 @@ class RunConfig:
     def architecture(self) -> dict:
         """The fields a checkpoint's weights depend on; resuming with others is refused.
         (The model's name and init scale may change.)"""
-        model = {k: v for k, v in dataclasses.asdict(self.model).items() if k not in ("name", "init_std")}
+        skip = ("name", "init_std", "hf_config") + (("seq_len",) if self.model.family != "gpt2" else ())
+        model = {k: v for k, v in dataclasses.asdict(self.model).items() if k not in skip}
         return {**model, "moe.num_experts": self.moe.num_experts, "moe.top_k": self.moe.top_k}
 
 
@@ -357,7 +395,33 @@ def from_dict(raw: dict, source: str = "<config>") -> RunConfig:
             close = difflib.get_close_matches(name, list(_SECTIONS), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{source}: unknown section '{name}'{hint}")
+    _resolve_hf(raw, source)
     return RunConfig(**{name: _build_section(name, raw.get(name), source) for name in _SECTIONS})
+
+
+def _resolve_hf(raw: dict, source: str) -> None:
+    """Fill the architecture keys of a DeepSeek-V2 recipe from its HF config (in place);
+    a key the recipe also sets must agree."""
+    from .deepseek import HFConfigError, check_hf_config, model_fields, moe_fields, read_hf_config
+    model = raw.get("model")
+    if not isinstance(model, dict) or not (model.get("hf_config") or model.get("hf")):
+        return
+    try:
+        if model.get("hf_config"):
+            model["hf"] = read_hf_config(model["hf_config"])
+        else:
+            check_hf_config(model["hf"], f"{source}: model.hf")
+    except HFConfigError as e:
+        raise ConfigError(f"{source}: model.hf_config: {e}") from None
+    model.setdefault("family", "deepseek_v2")
+    for section, fields in (("model", model_fields(model["hf"])), ("moe", moe_fields(model["hf"]))):
+        node = raw.setdefault(section, {}) or {}
+        raw[section] = node
+        for key, value in fields.items():
+            if key in node and node[key] != value:
+                raise ConfigError(f"{source}: {section}.{key}={node[key]!r} disagrees with the HF config "
+                                  f"({value!r}); leave it out")
+            node[key] = value
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:

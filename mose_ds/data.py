@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .tokenizer import TOKENIZERS
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
@@ -38,6 +39,8 @@ def read_meta(folder: str) -> dict:
         raise ConfigError(f"data.path: {path} is not valid JSON") from None
     if meta.get("dtype") not in DTYPES:
         raise ConfigError(f"{path}: unknown dtype {meta.get('dtype')!r}")
+    if meta.setdefault("tokenizer", "gpt2") not in TOKENIZERS:
+        raise ConfigError(f"{path}: unknown tokenizer {meta['tokenizer']!r} (expected one of {', '.join(TOKENIZERS)})")
     return meta
 
 

@@ -65,12 +65,16 @@ def build_model(cfg: RunConfig) -> MoSEGPT:
     """Build, attach DeepSpeed's expert-parallel groups, and initialise (layout-independent)."""
     check_layout(cfg, dist.get_world_size())
     model = MoSEGPT(cfg.model, cfg.moe, bf16=cfg.engine.precision == "bf16")
-    expert_rank = 0
     for moe in model.moe_layers():
         moe.set_deepspeed_parallelism()
-        expert_rank = groups._get_expert_parallel_rank(moe.expert_group_name)
-    model.init_weights(cfg.train.seed, expert_rank)
+    model.init_weights(cfg.train.seed, expert_rank(model))
     return model
+
+
+def expert_rank(model: MoSEGPT) -> int:
+    """This rank's index in its expert-parallel group (0 without MoE layers)."""
+    layers = model.moe_layers()
+    return groups._get_expert_parallel_rank(layers[0].expert_group_name) if layers else 0
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -3,9 +3,10 @@
 Two conventions, both broken down into MoE / attention / other:
 
 * **paper**: multiply-accumulates of the linear layers inside the transformer blocks only:
-  attention projections (4 d^2 per layer), dense FFNs (2 d H, 3 d H for SwiGLU), and each
-  executed expert slot (2 d m, 3 d m for SwiGLU, m = its hidden units). No embeddings,
-  LM head, attention scores or router.
+  attention projections (4 d^2 per layer; MLA's own projections for DeepSeek-V2), dense
+  FFNs (2 d H, 3 d H for SwiGLU), and each executed expert slot (2 d m, 3 d m for SwiGLU,
+  m = its hidden units; shared experts count as executed units too). No embeddings, LM
+  head, attention scores or router.
 * **standard**: 2 FLOPs per multiply-accumulate, adding attention scores (QK^T and AV over
   the full S x S square, which is what the kernel computes: 2 S d MACs per token and layer),
   the router (d E per MoE layer) and the LM head (d V).
@@ -39,22 +40,46 @@ def flops_per_token(model: ModelConfig, moe: MoEConfig, units_per_token: Sequenc
     n_moe = model.num_moe_layers
     if len(units_per_token) != n_moe:
         raise ValueError(f"{len(units_per_token)} MoE layer widths for a model with {n_moe} MoE layers")
+    projections, score_dims = attention_shape(model)
     macs = {"moe": gated * d * float(sum(units_per_token)),
-            "attention": L * 4 * d * d,
+            "attention": L * projections,
             "other": (L - n_moe) * gated * d * H}
     if convention == "paper":
         return {**macs, "total": sum(macs.values())}
     macs["moe"] += n_moe * d * moe.num_experts
-    macs["attention"] += L * 2 * context * d
+    macs["attention"] += L * context * score_dims
     macs["other"] += d * model.vocab_size
     flops = {k: 2.0 * v for k, v in macs.items()}
     return {**flops, "total": sum(flops.values())}
 
 
+def attention_shape(model: ModelConfig) -> tuple[int, int]:
+    """(projection MACs per token and layer, score dims): attention scores cost
+    `context * score_dims` MACs per token and layer (QK^T plus AV).
+
+    GPT-2: Q, K, V and output projections of d x d; scores over d for QK^T and for AV.
+    DeepSeek-V2 MLA: query (direct or low-rank), the shared latent plus rotary key, the
+    latent's expansion to per-head keys and values, and the output projection; scores over
+    the query/key head dim (Q + P) and the value head dim V of every head.
+    """
+    d = model.hidden_size
+    if model.family != "deepseek_v2":
+        return 4 * d * d, 2 * d
+    hf = model.hf
+    N, R, P = hf["num_attention_heads"], hf["kv_lora_rank"], hf["qk_rope_head_dim"]
+    Q, V, qr = hf["qk_nope_head_dim"], hf["v_head_dim"], hf.get("q_lora_rank")
+    query = d * qr + qr * N * (Q + P) if qr else d * N * (Q + P)
+    return query + d * (R + P) + R * N * (Q + V) + N * V * d, N * (Q + P + V)
+
+
 def full_width_units(model: ModelConfig, moe: MoEConfig, width: float = 1.0) -> list[float]:
-    """Units per token of every MoE layer when all k slots run at `width` and none is dropped."""
-    m = int(hidden_units(torch.tensor(width), model.ffn_hidden_size))
-    return [float(moe.top_k * m)] * model.num_moe_layers
+    """Units per token of every MoE layer when all k slots run at `width` and none is dropped,
+    plus the shared experts (at `width` too when they are slimmable)."""
+    m = int(hidden_units(torch.tensor(width), model.expert_hidden_size))
+    shared = model.shared_expert_hidden_size
+    if shared and moe.shared_slimmable:
+        shared = int(hidden_units(torch.tensor(width), shared))
+    return [float(moe.top_k * m + shared)] * model.num_moe_layers
 
 
 def forward_flops_per_token(model: ModelConfig, moe: MoEConfig, width: float = 1.0,
@@ -100,6 +125,6 @@ class FlopsMeter:
         return {c: self.per_token(c)["total"] / 1e6 for c in CONVENTIONS}
 
     def mean_width(self) -> float:
-        """Executed hidden units over the units of k full-width slots per token and layer."""
+        """Executed expert hidden units (routed and any shared) over those of the model at full width."""
         full = full_width_units(self.model, self.moe)
         return sum(self.units) / (self.tokens * sum(full)) if self.tokens else float("nan")

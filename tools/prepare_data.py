@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Text -> GPT-2 BPE ids -> memory-mapped train/val shards (the `prepare` stage).
+"""Text -> token ids -> memory-mapped train/val shards (the `prepare` stage).
 
 Sources: a local text file, a folder of text files (each file one document), or any
 Hugging Face `datasets` name (`--hf-dataset openwebtext` for the real recipe; that one
@@ -8,7 +8,8 @@ local files). Every document ends with <|endoftext|>. The last `--val-fraction` 
 stream (cut at a document boundary when there are several documents) becomes `val.bin`.
 Tokens stream through a temporary file, so memory stays small for OpenWebText-sized
 corpora; files are written under temporary names and `meta.json` comes last, so an
-interrupted run never leaves a folder that looks complete.
+interrupted run never leaves a folder that looks complete. `--tokenizer` is GPT-2 BPE (the
+default) or raw UTF-8 bytes.
 
     python tools/prepare_data.py --input corpus/tinyshakespeare.txt --out data/shakespeare
     python tools/prepare_data.py --hf-dataset openwebtext --out data/openwebtext --num-proc 16
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mose_ds.data import write_meta  # noqa: E402
-from mose_ds.tokenizer import EOT_ID, GPT2_VOCAB_SIZE, gpt2  # noqa: E402
+from mose_ds.tokenizer import TOKENIZERS, base_tokenizer  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 CHUNK_CHARS = 1 << 20
@@ -49,9 +50,8 @@ def local_documents(path: str) -> list[str]:
     fail(f"--input {path}: no such file or directory")
 
 
-def local_token_stream(files: list[str]):
+def local_token_stream(files: list[str], enc):
     """One uint16 array per document; large files are encoded in ~1 MB line-aligned chunks."""
-    enc = gpt2()
     total = sum(os.path.getsize(f) for f in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for path in files:
@@ -64,11 +64,11 @@ def local_token_stream(files: list[str]):
                         bar.update(len(chunk.encode("utf-8")))
             except UnicodeDecodeError:
                 fail(f"{path}: not UTF-8 text")
-            pieces.append(np.array([EOT_ID], dtype=np.uint16))
+            pieces.append(np.array([enc.eot_token], dtype=np.uint16))
             yield np.concatenate(pieces)
 
 
-def hf_token_stream(name: str, config: str | None, data_files: list[str] | None, split: str,
+def hf_token_stream(enc, name: str, config: str | None, data_files: list[str] | None, split: str,
                     field: str, num_proc: int):
     """Tokenize with `datasets.map` (parallel), then yield the documents in order."""
     import datasets
@@ -79,10 +79,9 @@ def hf_token_stream(name: str, config: str | None, data_files: list[str] | None,
         fail(f"--hf-dataset {name}: {str(e).splitlines()[0]}")
     if field not in ds.column_names:
         fail(f"--text-field {field!r}: dataset {name} has columns {ds.column_names}")
-    enc = gpt2()
 
     def encode(example):
-        return {"ids": enc.encode_ordinary(example[field]) + [EOT_ID]}
+        return {"ids": enc.encode_ordinary(example[field]) + [enc.eot_token]}
 
     ds = ds.map(encode, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenizing")
     for batch in tqdm(ds.iter(batch_size=1024), total=-(-len(ds) // 1024), desc="collecting"):
@@ -90,9 +89,9 @@ def hf_token_stream(name: str, config: str | None, data_files: list[str] | None,
             yield np.asarray(ids, dtype=np.uint16)
 
 
-def spool(docs, path: str) -> tuple[np.ndarray, np.ndarray]:
+def spool(docs, path: str, n_vocab: int) -> tuple[np.ndarray, np.ndarray]:
     """Write the token stream to `path`; return document lengths and which ids occur."""
-    lengths, present = [], np.zeros(GPT2_VOCAB_SIZE, dtype=bool)
+    lengths, present = [], np.zeros(n_vocab, dtype=bool)
     with open(path, "wb") as f:
         for doc in docs:
             f.write(doc.tobytes())
@@ -135,6 +134,8 @@ def main(argv=None) -> None:
     p.add_argument("--hf-split", default="train")
     p.add_argument("--text-field", default="text")
     p.add_argument("--out", required=True, help="output folder (train.bin, val.bin, meta.json)")
+    p.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS,
+                   help="gpt2: GPT-2 BPE (default); bytes: UTF-8 bytes, vocabulary 257")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--num-proc", type=int, default=1)
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
@@ -154,35 +155,36 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     if os.path.exists(meta_path):      # --overwrite: the folder stops looking complete first
         os.remove(meta_path)
+    enc = base_tokenizer(args.tokenizer)
     if args.input:
-        docs = local_token_stream(files)
+        docs = local_token_stream(files, enc)
     else:
-        docs = hf_token_stream(args.hf_dataset, args.hf_config, args.hf_data_files, args.hf_split,
+        docs = hf_token_stream(enc, args.hf_dataset, args.hf_config, args.hf_data_files, args.hf_split,
                                args.text_field, args.num_proc)
         source = f"hf:{args.hf_dataset}" + (f"/{args.hf_config}" if args.hf_config else "")
     stream_path = os.path.join(args.out, "stream.bin.tmp")
-    lengths, present = spool(docs, stream_path)
+    lengths, present = spool(docs, stream_path, enc.n_vocab)
     if lengths.sum() < 2:
         os.remove(stream_path)
         fail("the input holds no text")
     tokens = np.memmap(stream_path, dtype=np.uint16, mode="r")
     cut = split_point(lengths, args.val_fraction)
 
-    vocab_size, eot, remap, extra = GPT2_VOCAB_SIZE, EOT_ID, None, {}
+    vocab_size, eot, remap, extra = enc.n_vocab, enc.eot_token, None, {}
     if args.compact_vocab:
-        present[EOT_ID] = True
+        present[enc.eot_token] = True
         used = np.nonzero(present)[0].astype(np.uint16)          # new id = index in this array
-        remap = np.zeros(GPT2_VOCAB_SIZE, dtype=np.uint16)
+        remap = np.zeros(enc.n_vocab, dtype=np.uint16)
         remap[used] = np.arange(len(used), dtype=np.uint16)
         np.save(os.path.join(args.out, "vocab.npy"), used)
-        vocab_size, eot, extra = len(used), int(remap[EOT_ID]), {"compact_vocab": "vocab.npy"}
+        vocab_size, eot, extra = len(used), int(remap[enc.eot_token]), {"compact_vocab": "vocab.npy"}
     n_train = write_split(tokens[:cut], os.path.join(args.out, "train.bin.tmp"), remap)
     n_val = write_split(tokens[cut:], os.path.join(args.out, "val.bin.tmp"), remap)
     del tokens
     os.remove(stream_path)
     for split in ("train", "val"):
         os.replace(os.path.join(args.out, f"{split}.bin.tmp"), os.path.join(args.out, f"{split}.bin"))
-    write_meta(args.out, {"tokenizer": "gpt2", "vocab_size": vocab_size, "eot_id": eot, **extra,
+    write_meta(args.out, {"tokenizer": args.tokenizer, "vocab_size": vocab_size, "eot_id": eot, **extra,
                           "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_val,
                           "documents": len(lengths), "source": source})
     print(f"prepare_data: {len(lengths)} document(s), {n_train:,} train + {n_val:,} val tokens, "

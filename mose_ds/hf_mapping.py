@@ -1,0 +1,88 @@
+"""Parameter names and layouts between HF DeepSeek-V2 checkpoints and our model.
+
+Pure functions of names and tensors, used by both converters and the tests. Every tensor
+maps one to one except the dense FFN of the first blocks, whose HF `gate_proj` and
+`up_proj` are the two halves of megatron's `linear_fc1`. Expert down projections are stored
+hidden-major on our side (`w_down` is [H, D], so width slices are row blocks), the
+transpose of HF's `down_proj` [D, H]. Routed experts keep their global index here; which
+expert-parallel rank holds one is the checkpoint writer's business.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_ATTENTION = "q_proj|q_a_proj|q_a_layernorm|q_b_proj|kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj|o_proj"
+_EXPERTS = "layers.{L}.mlp.deepspeed_moe.experts.deepspeed_experts.{E}"
+# (HF template, our template, layout); {L} layer, {E} expert, {A} attention projection.
+# Layouts: "same", "transpose", "fc1.gate", "fc1.up".
+_RULES = [
+    ("model.embed_tokens.weight", "wte.weight", "same"),
+    ("lm_head.weight", "lm_head.weight", "same"),
+    ("model.norm.weight", "final_norm.weight", "same"),
+    ("model.layers.{L}.input_layernorm.weight", "layers.{L}.input_layernorm.weight", "same"),
+    ("model.layers.{L}.post_attention_layernorm.weight", "layers.{L}.pre_mlp_layernorm.weight", "same"),
+    ("model.layers.{L}.self_attn.{A}.weight", "layers.{L}.self_attention.{A}.weight", "same"),
+    ("model.layers.{L}.mlp.gate_proj.weight", "layers.{L}.mlp.linear_fc1.weight", "fc1.gate"),
+    ("model.layers.{L}.mlp.up_proj.weight", "layers.{L}.mlp.linear_fc1.weight", "fc1.up"),
+    ("model.layers.{L}.mlp.down_proj.weight", "layers.{L}.mlp.linear_fc2.weight", "same"),
+    ("model.layers.{L}.mlp.gate.weight", "layers.{L}.mlp.deepspeed_moe.gate.weight", "same"),
+    ("model.layers.{L}.mlp.experts.{E}.gate_proj.weight", _EXPERTS + ".w_gate", "same"),
+    ("model.layers.{L}.mlp.experts.{E}.up_proj.weight", _EXPERTS + ".w_up", "same"),
+    ("model.layers.{L}.mlp.experts.{E}.down_proj.weight", _EXPERTS + ".w_down", "transpose"),
+    ("model.layers.{L}.mlp.shared_experts.gate_proj.weight", "layers.{L}.mlp.shared_experts.w_gate", "same"),
+    ("model.layers.{L}.mlp.shared_experts.up_proj.weight", "layers.{L}.mlp.shared_experts.w_up", "same"),
+    ("model.layers.{L}.mlp.shared_experts.down_proj.weight", "layers.{L}.mlp.shared_experts.w_down", "transpose"),
+]
+_GROUPS = {"L": r"(?P<L>\d+)", "E": r"(?P<E>\d+)", "A": f"(?P<A>{_ATTENTION})"}
+
+
+def _regex(template: str) -> re.Pattern:
+    pattern = re.escape(template)
+    for key, group in _GROUPS.items():
+        pattern = pattern.replace(re.escape("{" + key + "}"), group)
+    return re.compile(pattern + "$")
+
+
+_FROM_HF = [(_regex(hf), ours, layout) for hf, ours, layout in _RULES]
+_FROM_OURS = [(_regex(ours), hf, layout) for hf, ours, layout in _RULES]
+
+
+def hf_to_ours(name: str) -> tuple[str, str]:
+    """(our parameter name, layout) of an HF tensor name; KeyError if it is not one of ours."""
+    for pattern, template, layout in _FROM_HF:
+        match = pattern.match(name)
+        if match:
+            return template.format(**match.groupdict()), layout
+    raise KeyError(name)
+
+
+def ours_to_hf(name: str) -> list[tuple[str, str]]:
+    """[(HF name, layout)] of one of our parameter names (two for a dense `linear_fc1`)."""
+    found = [(template.format(**match.groupdict()), layout)
+             for pattern, template, layout in _FROM_OURS if (match := pattern.match(name))]
+    if not found:
+        raise KeyError(name)
+    return found
+
+
+def to_ours(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """An HF tensor in our layout (fc1 halves are placed by `merge_fc1`)."""
+    return tensor.t().contiguous() if layout == "transpose" else tensor
+
+
+def to_hf(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """Our tensor (or its fc1 half) in HF's layout."""
+    if layout == "transpose":
+        return tensor.t().contiguous()
+    if layout in ("fc1.gate", "fc1.up"):
+        gate, up = tensor.chunk(2, dim=0)
+        return (gate if layout == "fc1.gate" else up).contiguous()
+    return tensor
+
+
+def merge_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """megatron's SwiGLU `linear_fc1`: gate rows first, then up rows."""
+    return torch.cat([gate, up], dim=0)

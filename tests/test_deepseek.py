@@ -1,0 +1,199 @@
+"""The DeepSeek-V2 family against `transformers`' DeepseekV2ForCausalLM (the reference), and
+its configuration, routing and loss maths on hand cases."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT
+from mose_ds.config import ConfigError, from_dict
+
+TINY_HF = os.path.join(ROOT, "..", "shared", "data", "deepseek", "tiny_deepseek_v2_config.json")
+LITE_HF = os.path.join(ROOT, "..", "shared", "data", "deepseek", "deepseek_v2_lite_config.json")
+
+
+def reference_model(folder, seed: int = 0, **overrides):
+    """A seeded tiny DeepseekV2ForCausalLM saved with save_pretrained into `folder`."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    with open(TINY_HF) as f:
+        hf = {**json.load(f), **overrides}
+    torch.manual_seed(seed)
+    model = DeepseekV2ForCausalLM(DeepseekV2Config(**hf)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def load_reference_weights(model, folder) -> None:
+    """Our model's weights from the reference's safetensors, through the name mapping."""
+    from safetensors.torch import load_file
+    from mose_ds.hf_mapping import hf_to_ours, merge_fc1, to_ours
+    ours, halves = dict(model.named_parameters()), {}
+    with torch.no_grad():
+        for name, tensor in load_file(os.path.join(folder, "model.safetensors")).items():
+            target, layout = hf_to_ours(name)
+            if layout.startswith("fc1"):
+                halves.setdefault(target, {})[layout] = tensor
+                if len(halves[target]) == 2:
+                    ours[target].copy_(merge_fc1(halves[target]["fc1.gate"], halves[target]["fc1.up"]))
+            else:
+                ours[target].copy_(to_ours(tensor, layout))
+
+
+def deepseek_config(**moe):
+    return from_dict({"model": {"hf_config": TINY_HF, "seq_len": 48}, "moe": {"drop_tokens": False, **moe}})
+
+
+@pytest.mark.parametrize("yarn", [True, False])
+def test_full_width_logits_match_the_reference(world, tmp_path, yarn):
+    from mose_ds.model import MoSEGPT
+    overrides = {} if yarn else {"rope_scaling": None}
+    reference = reference_model(tmp_path, **overrides)
+    cfg = from_dict({"model": {"hf_config": str(tmp_path), "seq_len": 48}, "moe": {"drop_tokens": False}})
+    ours = MoSEGPT(cfg.model, cfg.moe).eval()
+    load_reference_weights(ours, tmp_path)
+    tokens = torch.randint(0, cfg.model.vocab_size, (3, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        logits, routing = ours(tokens)
+    assert (logits - expected).abs().max().item() <= 1e-4
+    assert len(routing) == 2 and all(r.stats.dropped_frac == 0 for r in routing)   # dropless
+
+
+def test_config_is_derived_from_the_hf_file_and_checked():
+    cfg = deepseek_config()
+    assert (cfg.model.family, cfg.model.num_layers, cfg.model.moe_offset, cfg.model.expert_hidden_size,
+            cfg.model.ffn_hidden_size, cfg.model.shared_expert_hidden_size, cfg.model.tie_embeddings) == \
+        ("deepseek_v2", 3, 1, 32, 128, 64, False)
+    assert (cfg.moe.num_experts, cfg.moe.top_k) == (8, 2)
+    # the resolved config (as saved with checkpoints) rebuilds the same model without the file
+    from mose_ds.config import to_dict
+    raw = to_dict(cfg)
+    raw["model"]["hf_config"] = ""
+    assert from_dict(raw).architecture() == cfg.architecture()
+    with pytest.raises(ConfigError, match=r"moe.num_experts=4 disagrees with the HF config \(8\)"):
+        from_dict({"model": {"hf_config": TINY_HF}, "moe": {"num_experts": 4}})
+    with pytest.raises(ConfigError, match="no such file"):
+        from_dict({"model": {"hf_config": "/nonexistent/config.json"}})
+
+
+def test_a_config_of_another_model_type_is_refused(tmp_path):
+    with open(TINY_HF) as f:
+        hf = json.load(f)
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "llama"}))
+    with pytest.raises(ConfigError, match="model_type 'llama' is not 'deepseek_v2'"):
+        from_dict({"model": {"hf_config": str(tmp_path)}})
+
+
+def test_softmax_routing_without_renormalisation_and_scaling():
+    from mose_ds.gating import RouterSpec, top_k_routing
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    idx, p = top_k_routing(logits, 2, RouterSpec(scores="softmax", normalize=False, scale=2.0))
+    assert idx.tolist() == [[0, 1]] and torch.allclose(p, torch.tensor([[1.0, 0.6]]))
+    idx, p = top_k_routing(logits, 2, RouterSpec(scores="softmax", normalize=True))
+    assert torch.allclose(p, torch.tensor([[0.625, 0.375]]))
+
+
+def test_sequence_balance_loss_on_hand_cases():
+    from mose_ds.gating import sequence_balance_loss
+    E, K, S, B = 4, 1, 4, 2
+    probs = torch.full((S * B, E), 1.0 / E)
+    # sequence 0 (tokens s*B + 0) uses every expert once; sequence 1 always expert 0
+    idx = torch.tensor([[0], [0], [1], [0], [2], [0], [3], [0]])
+    # seq 0: f = 1 each, sum f P = 1; seq 1: f_0 = 4, sum = 4 * 1/4 = 1 -> uniform P gives 1 for both
+    assert math.isclose(sequence_balance_loss(probs, idx, B).item(), 1.0, rel_tol=1e-6)
+    probs_1 = probs.clone()
+    probs_1[1::2] = torch.tensor([0.7, 0.1, 0.1, 0.1])          # sequence 1 also prefers expert 0
+    assert math.isclose(sequence_balance_loss(probs_1, idx, B).item(), (1.0 + 4 * 0.7) / 2, rel_tol=1e-6)
+    assert idx.shape[-1] == K
+
+
+def test_lite_parameter_counts():
+    """DeepSeek-V2-Lite: 15.7B total, about 2.4B active per token (built on the meta device)."""
+    from mose_ds import engine
+    from mose_ds.model import MoSEGPT, count_parameters
+    engine.init_distributed()
+    cfg = from_dict({"model": {"hf_config": LITE_HF, "seq_len": 4096}})
+    with torch.device("meta"):
+        model = MoSEGPT(cfg.model, cfg.moe)
+    counts = count_parameters(model)
+    assert round(counts["params_total"] / 1e9, 1) == 15.7
+    assert 2.4e9 <= counts["params_active_excl_embedding"] < 2.5e9
+
+
+# --------------------------------------------------------------------------- HF -> MoSE conversion
+
+def convert(hf_folder, out, *extra) -> int:
+    from conftest import load_tool
+    return load_tool("convert_hf_to_mose").main(["--hf", str(hf_folder), "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(reference model, its HF folder, the converted weights folder)."""
+    root = tmp_path_factory.mktemp("deepseek")
+    reference = reference_model(root / "hf")
+    assert convert(root / "hf", root / "mose", "--seq-len", "48") == 0
+    return reference, root / "hf", root / "mose"
+
+
+def test_converted_weights_reproduce_the_reference_with_one_and_two_expert_parallel_ranks(
+        world, converted, tmp_path):
+    from conftest import run_ranks
+    from mose_ds import checkpoint
+    from mose_ds.model import MoSEGPT
+    reference, _, weights = converted
+    tokens = torch.randint(0, 50257, (3, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    cfg = checkpoint.checkpoint_config(str(weights))
+    cfg.moe.drop_tokens = False
+    model = MoSEGPT(cfg.model, cfg.moe).eval()
+    assert checkpoint.load_weights(model, str(weights)) == len(list(model.parameters()))
+    with torch.no_grad():
+        assert (model(tokens)[0] - expected).abs().max().item() <= 1e-4
+    run_ranks(2, "deepseek_worker.py", weights, tmp_path / "ep2.pt")
+    assert (torch.load(tmp_path / "ep2.pt") - expected).abs().max().item() <= 1e-4
+
+
+def _break(folder, how):
+    """A copy-modified HF folder for the bad-input cases."""
+    from safetensors.torch import load_file, save_file
+    if how == "model_type":
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    elif how == "truncated":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif how == "shape":
+        tensors = load_file(folder / "model.safetensors")
+        tensors["model.layers.1.mlp.experts.3.up_proj.weight"] = torch.zeros(31, 64)
+        save_file(tensors, folder / "model.safetensors")
+    elif how == "index":
+        tensors = load_file(folder / "model.safetensors")
+        weight_map = {n: "model.safetensors" for n in tensors}
+        weight_map["lm_head.weight"] = "model-00002-of-00002.safetensors"
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("model_type", "model_type 'llama' is not 'deepseek_v2'"),
+    ("truncated", "model.safetensors: truncated"),
+    ("shape", "has shape [31, 64] in model.safetensors, the config implies [32, 64]"),
+    ("index", "names absent file(s): model-00002-of-00002.safetensors"),
+])
+def test_bad_hf_input_is_a_one_line_error_and_writes_nothing(converted, tmp_path, capsys, how, message):
+    import shutil
+    _, hf, _ = converted
+    broken = tmp_path / "hf"
+    shutil.copytree(hf, broken)
+    _break(broken, how)
+    out = tmp_path / "out"
+    assert convert(broken, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "out.partial").exists()

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""HF DeepSeek-V2 directory -> MoSE-DS weights folder (the `init_from` of a CPT recipe).
+
+    python tools/convert_hf_to_mose.py --hf /models/DeepSeek-V2-Lite --out ckpt/dsv2-lite-mose
+
+Reads `config.json` and the safetensors shards (through `model.safetensors.index.json` when
+there is one), checks every tensor's name and shape against the model built from the config,
+and writes our names and layouts: `weights-*.safetensors` (one per input shard, same dtype),
+`weights.index.json` and `config.yaml` (the resolved model config, HF config included).
+Tensors stream one at a time by byte offset, so resident memory stays near the largest
+tensor, not the shard or the model. Routed experts keep their global index, so the trainer
+loads the folder under any expert-parallel size. Everything is written under
+`<out>.partial` and renamed at the end: an interrupted or refused conversion never leaves a
+folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+INDEX = "model.safetensors.index.json"
+WEIGHTS_INDEX = "weights.index.json"
+FORMAT = "mose-ds-weights/1"
+
+
+class Failure(Exception):
+    pass
+
+
+def hf_tensors(folder: str) -> dict:
+    """{HF tensor name: TensorEntry} over the shards of an HF directory."""
+    from mose_ds.shards import read_header
+    index = os.path.join(folder, INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise Failure(f"{index}: not a safetensors index (no weight_map)") from None
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        if absent:
+            raise Failure(f"{index} names absent file(s): {', '.join(absent)}")
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        raise Failure(f"{folder}: no {INDEX} and no model.safetensors")
+    entries = {}
+    for file in files:
+        for name, entry in read_header(os.path.join(folder, file)).items():
+            entries[name] = entry
+    if weight_map is not None:
+        missing = [n for n, f in weight_map.items() if n not in entries or os.path.basename(entries[n].file) != f]
+        if missing:
+            raise Failure(f"{index}: tensor {missing[0]} is not in {weight_map[missing[0]]}"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return entries
+
+
+def plan(entries: dict, expected: dict) -> dict:
+    """{our name: (dtype, shape, [(layout, TensorEntry), ...])}, checked against `expected`
+    ({our name: shape} of the model built from the config)."""
+    from mose_ds.hf_mapping import hf_to_ours
+    from mose_ds.shards import DTYPES
+    out = {}
+    for hf_name, entry in entries.items():
+        try:
+            name, layout = hf_to_ours(hf_name)
+        except KeyError:
+            raise Failure(f"{entry.file}: unexpected tensor {hf_name} (not part of a DeepSeek-V2 model "
+                          "with this config)") from None
+        if name not in expected:
+            raise Failure(f"{entry.file}: tensor {hf_name} does not exist in a model with this config")
+        out.setdefault(name, [DTYPES[entry.dtype], None, []])[2].append((layout, entry))
+    for name, (dtype, _, sources) in out.items():
+        shapes = {layout: entry.shape for layout, entry in sources}
+        if "fc1.gate" in shapes or "fc1.up" in shapes:
+            if len(shapes) != 2:
+                raise Failure(f"{sources[0][1].file}: dense FFN {name} lacks its "
+                              f"{'up' if 'fc1.gate' in shapes else 'gate'}_proj half")
+            shape = (shapes["fc1.gate"][0] + shapes["fc1.up"][0],) + tuple(shapes["fc1.gate"][1:])
+            sources.sort(key=lambda s: s[0] != "fc1.gate")
+        else:
+            layout, entry = sources[0]
+            shape = tuple(reversed(entry.shape)) if layout == "transpose" else entry.shape
+        if tuple(shape) != tuple(expected[name]):
+            hf_names = ", ".join(os.path.basename(e.file) for _, e in sources)
+            raise Failure(f"tensor for {name} has shape {list(shape)} in {hf_names}, "
+                          f"the config implies {list(expected[name])}")
+        out[name][1] = tuple(shape)
+    missing = [n for n in expected if n not in out]
+    if missing:
+        raise Failure(f"the checkpoint lacks {len(missing)} tensor(s) of the model, e.g. {missing[0]}")
+    return out
+
+
+def expected_shapes(cfg) -> dict:
+    """Parameter shapes of the model (meta device, one expert-parallel rank)."""
+    import dataclasses
+    import torch
+    from mose_ds import engine
+    from mose_ds.model import MoSEGPT
+    engine.init_distributed()
+    with torch.device("meta"):
+        model = MoSEGPT(cfg.model, dataclasses.replace(cfg.moe, expert_parallel_size=1))
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def convert(args, say) -> tuple[str, int, int]:
+    import torch
+    from tqdm import tqdm
+    from mose_ds.config import ConfigError, from_dict, save_config
+    from mose_ds.deepseek import HFConfigError, read_hf_config
+    from mose_ds.hf_mapping import merge_fc1, to_ours
+    from mose_ds.shards import ShardError, read_tensor, write_file
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        raise Failure(f"--out {out} exists (pass --overwrite to replace it)")
+    try:
+        hf = read_hf_config(args.hf)
+        cfg = from_dict({"model": {"name": args.name or os.path.basename(os.path.abspath(args.hf)),
+                                   "hf": hf, "seq_len": args.seq_len}}, source=args.hf)
+        tensors = plan(hf_tensors(args.hf), expected_shapes(cfg))
+    except (HFConfigError, ConfigError, ShardError) as e:
+        raise Failure(str(e)) from None
+
+    # One output file per input shard, holding the tensors whose (first) source is in it.
+    by_file: dict[str, list[str]] = {}
+    for name, (_, _, sources) in tensors.items():
+        by_file.setdefault(sources[0][1].file, []).append(name)
+    files = sorted(by_file)
+    total = sum(e.end - e.start for _, _, sources in tensors.values() for _, e in sources)
+
+    def produce(name: str) -> torch.Tensor:
+        _, _, sources = tensors[name]
+        parts = [read_tensor(entry) for _, entry in sources]
+        bar.update(sum(e.end - e.start for _, e in sources))
+        return merge_fc1(*parts) if len(parts) == 2 else to_ours(parts[0], sources[0][0])
+
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    weight_map = {}
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="converting", file=sys.stderr) as bar:
+            for i, file in enumerate(files):
+                target = f"weights-{i + 1:05d}-of-{len(files):05d}.safetensors"
+                names = by_file[file]
+                write_file(os.path.join(partial, target), [(n, tensors[n][0], tensors[n][1]) for n in names],
+                           produce, metadata={"format": "pt"})
+                weight_map.update({n: target for n in names})
+        with open(os.path.join(partial, WEIGHTS_INDEX), "w") as f:
+            json.dump({"format": FORMAT, "source": os.path.abspath(args.hf), "total_bytes": total,
+                       "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
+        save_config(cfg, os.path.join(partial, "config.yaml"))
+    except (ShardError, OSError) as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise Failure(str(e)) from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return out, len(weight_map), total
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Convert an HF DeepSeek-V2 directory into a MoSE-DS weights folder.")
+    p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="output folder (weights-*.safetensors, weights.index.json, config.yaml)")
+    p.add_argument("--name", default=None, help="model name in the written config (default: the HF folder's name)")
+    p.add_argument("--seq-len", type=int, default=4096, help="training sequence length recorded in the config")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    args = p.parse_args(argv)
+    start = time.time()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            from mose_ds.train import quiet_libraries
+            quiet_libraries()
+            out, count, total = convert(args, print)
+    except Failure as e:
+        print(f"convert_hf_to_mose: error: {e}", file=sys.stderr)
+        return 2
+    print(f"convert_hf_to_mose: {count} tensors, {total / 2**20:,.1f} MiB in {time.time() - start:.1f}s -> "
+          f"{out}/{{weights-*.safetensors,{WEIGHTS_INDEX},config.yaml}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
