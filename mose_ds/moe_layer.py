@@ -165,7 +165,8 @@ class SlimmableMoE(MoE):
         mean width of the token's routed experts. Returns the output and the units executed."""
         shared, T = self.shared_experts, x_TD.shape[0]
         if not self.moe.shared_slimmable:
-            return shared(x_TD, shared.ffn_hidden_size), torch.tensor(float(T * shared.ffn_hidden_size))
+            units = x_TD.new_tensor(float(T * shared.ffn_hidden_size), dtype=torch.float32)
+            return shared(x_TD, shared.ffn_hidden_size), units
         m_T = hidden_units(w_TK.detach().mean(dim=-1), shared.ffn_hidden_size)
         return shared.forward_slots(x_TD, m_T), m_T.sum().float()
 
