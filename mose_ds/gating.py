@@ -41,7 +41,7 @@ def top_k_routing(logits_TE: torch.Tensor, k: int, spec: RouterSpec = RouterSpec
         p_TK, idx_TK = torch.softmax(logits_TE, dim=-1).topk(k, dim=-1)
         if spec.normalize:
             p_TK = p_TK / p_TK.sum(dim=-1, keepdim=True)
-    return idx_TK, p_TK * spec.scale if spec.scale != 1.0 else p_TK
+    return idx_TK, p_TK * spec.scale                                # exact when scale is 1
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, factor: float, min_capacity: int) -> int:

