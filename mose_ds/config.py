@@ -279,6 +279,13 @@ class CheckpointConfig:
         _positive(self, "interval")
 
 
+# HF config keys that neither weights nor computation depend on (an exported or re-saved
+# config.json may differ in them).
+HF_BOOKKEEPING = ("architectures", "auto_map", "dtype", "torch_dtype", "transformers_version", "use_cache",
+                  "_name_or_path", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
+                  "ep_size", "pretraining_tp", "output_router_logits")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -300,6 +307,8 @@ class RunConfig:
         (The model's name and init scale may change.)"""
         skip = ("name", "init_std", "hf_config") + (("seq_len",) if self.model.family != "gpt2" else ())
         model = {k: v for k, v in dataclasses.asdict(self.model).items() if k not in skip}
+        if model["hf"]:
+            model["hf"] = {k: v for k, v in model["hf"].items() if k not in HF_BOOKKEEPING}
         return {**model, "moe.num_experts": self.moe.num_experts, "moe.top_k": self.moe.top_k}
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .tokenizer import TOKENIZERS
+from .tokenizer import HF_TOKENIZER_FILE, TOKENIZERS
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
@@ -41,6 +41,8 @@ def read_meta(folder: str) -> dict:
         raise ConfigError(f"{path}: unknown dtype {meta.get('dtype')!r}")
     if meta.setdefault("tokenizer", "gpt2") not in TOKENIZERS:
         raise ConfigError(f"{path}: unknown tokenizer {meta['tokenizer']!r} (expected one of {', '.join(TOKENIZERS)})")
+    if meta["tokenizer"] == HF_TOKENIZER_FILE and not os.path.isfile(os.path.join(folder, HF_TOKENIZER_FILE)):
+        raise ConfigError(f"{path}: names tokenizer {HF_TOKENIZER_FILE}, which is missing from {folder}")
     return meta
 
 

@@ -32,9 +32,9 @@ _RULES = [
     ("model.layers.{L}.mlp.experts.{E}.gate_proj.weight", _EXPERTS + ".w_gate", "same"),
     ("model.layers.{L}.mlp.experts.{E}.up_proj.weight", _EXPERTS + ".w_up", "same"),
     ("model.layers.{L}.mlp.experts.{E}.down_proj.weight", _EXPERTS + ".w_down", "transpose"),
-    ("model.layers.{L}.mlp.shared_experts.gate_proj.weight", "layers.{L}.mlp.shared_experts.w_gate", "same"),
-    ("model.layers.{L}.mlp.shared_experts.up_proj.weight", "layers.{L}.mlp.shared_experts.w_up", "same"),
-    ("model.layers.{L}.mlp.shared_experts.down_proj.weight", "layers.{L}.mlp.shared_experts.w_down", "transpose"),
+    ("model.layers.{L}.mlp.shared_experts.gate_proj.weight", "layers.{L}.mlp.shared_ffn.w_gate", "same"),
+    ("model.layers.{L}.mlp.shared_experts.up_proj.weight", "layers.{L}.mlp.shared_ffn.w_up", "same"),
+    ("model.layers.{L}.mlp.shared_experts.down_proj.weight", "layers.{L}.mlp.shared_ffn.w_down", "transpose"),
 ]
 _GROUPS = {"L": r"(?P<L>\d+)", "E": r"(?P<E>\d+)", "A": f"(?P<A>{_ATTENTION})"}
 
@@ -81,6 +81,15 @@ def to_hf(tensor: torch.Tensor, layout: str) -> torch.Tensor:
         gate, up = tensor.chunk(2, dim=0)
         return (gate if layout == "fc1.gate" else up).contiguous()
     return tensor
+
+
+def hf_shape(shape: tuple, layout: str) -> tuple:
+    """The HF shape of one of our tensors (or of its fc1 half) under `layout`."""
+    if layout == "transpose":
+        return tuple(reversed(shape))
+    if layout in ("fc1.gate", "fc1.up"):
+        return (shape[0] // 2,) + tuple(shape[1:])
+    return tuple(shape)
 
 
 def merge_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

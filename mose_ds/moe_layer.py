@@ -81,9 +81,11 @@ class SlimmableMoE(MoE):
                          use_rts=False, top2_2nd_expert_sampling=False)
         self.deepspeed_moe.gate = Router(config.hidden_size, moe.num_experts)
         # DeepSeek's always-on shared experts: one FFN of n_shared * H units, data-parallel
-        # (not an expert parameter); full width unless moe.shared_slimmable.
-        self.shared_experts = (SlimmableFFN(config.hidden_size, shared_hidden_size, activation)
-                               if shared_hidden_size else None)
+        # (not an expert parameter); full width unless moe.shared_slimmable. Its name must not
+        # contain "expert": DeepSpeed's MoE checkpointing files every such parameter of a MoE
+        # module as a routed expert.
+        self.shared_ffn = (SlimmableFFN(config.hidden_size, shared_hidden_size, activation)
+                           if shared_hidden_size else None)
         self.router_spec = router
         self.moe = moe
         self.k = moe.top_k
@@ -154,7 +156,7 @@ class SlimmableMoE(MoE):
             units = (w_S.detach().float() * self.ffn_hidden_size).sum()
         else:
             units = m_S.sum().float()
-        if self.shared_experts is not None:
+        if self.shared_ffn is not None:
             shared_TD, shared_units = self._run_shared(x_TD, w_TK)
             out_TD = out_TD + shared_TD
             units = units + shared_units
@@ -163,7 +165,7 @@ class SlimmableMoE(MoE):
     def _run_shared(self, x_TD: torch.Tensor, w_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared experts on every token: at full width, or (moe.shared_slimmable) at the
         mean width of the token's routed experts. Returns the output and the units executed."""
-        shared, T = self.shared_experts, x_TD.shape[0]
+        shared, T = self.shared_ffn, x_TD.shape[0]
         if not self.moe.shared_slimmable:
             units = x_TD.new_tensor(float(T * shared.ffn_hidden_size), dtype=torch.float32)
             return shared(x_TD, shared.ffn_hidden_size), units

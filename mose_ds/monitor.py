@@ -1,13 +1,15 @@
 """TensorBoard logging on rank 0: width-wise validation curves and routing diagnostics.
 
-Scalars: `val/ppl/w0.25 ... val/ppl/w1.00` (one per evaluation width, overlaid in one
-custom-scalars chart), `train/*` for both branch losses, the sampled width, lr, grad norm
+Scalars: `val/ppl/w0.25 ... val/ppl/w1.00` and `val/loss/w...` (one per evaluation width,
+each set overlaid in one custom-scalars chart; a run started with `checkpoint.init_from` also
+logs them at step 0, where continual pre-training starts), `train/*` for both branch losses, the sampled width, lr, grad norm
 and tokens/s, and `routing/<branch>/layer<i>/<stat>` for each MoE layer (paper appendix
 B.3 and B.5).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 from .gating import RoutingStats
@@ -36,15 +38,20 @@ class Monitor:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(self.path)
-            tags = [f"val/ppl/{width_tag(w)}" for w in eval_widths]
             self.writer.add_custom_scalars({"MoSE": {
-                "validation perplexity by width": ["Multiline", tags],
+                "validation perplexity by width": ["Multiline", [f"val/ppl/{width_tag(w)}" for w in eval_widths]],
+                "validation loss by width": ["Multiline", [f"val/loss/{width_tag(w)}" for w in eval_widths]],
                 "training loss by branch": ["Multiline", ["train/loss_full", "train/loss_width"]]}})
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
+
+    def validation(self, val: dict[float, float], step: int) -> None:
+        """Perplexity and loss per evaluation width ({width: perplexity})."""
+        self.scalars({f"val/ppl/{width_tag(w)}": p for w, p in val.items()}, step)
+        self.scalars({f"val/loss/{width_tag(w)}": math.log(p) for w, p in val.items()}, step)
 
     def close(self) -> None:
         if self.writer is not None:

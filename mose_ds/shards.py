@@ -9,8 +9,10 @@ of a conversion at about one tensor, whatever the size of the shards. Damaged fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 
@@ -73,10 +75,11 @@ def read_header(path: str) -> dict[str, TensorEntry]:
 
 def read_tensor(entry: TensorEntry) -> torch.Tensor:
     """One tensor, read from its byte range (only its bytes enter memory)."""
+    data = bytearray(entry.end - entry.start)
     with open(entry.file, "rb") as f:
         f.seek(entry.start)
-        data = bytearray(f.read(entry.end - entry.start))
-    if len(data) != entry.end - entry.start:
+        got = f.readinto(data)              # straight into the tensor's buffer: one copy in memory
+    if got != len(data):
         raise ShardError(f"{entry.file}: truncated while reading")
     if not data:
         return torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
@@ -109,3 +112,24 @@ def write_file(path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
                                  f"planned {dtype} {tuple(shape)}")
             if tensor.numel():
                 f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())   # no extra copy
+
+
+@contextlib.contextmanager
+def staged_folder(out: str, overwrite: bool = False):
+    """Write a folder under `<out>.partial` and move it to `out` only when the block succeeds.
+
+    A refused, failed or interrupted write removes the partial folder, so nothing half-written
+    is ever left under the name a user (or a loader) would take for a finished folder."""
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(partial, out)

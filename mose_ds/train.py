@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError, TrainState
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data import TokenSplit, micro_batch, val_batch_count, val_batches
 from .model import lm_loss
-from .monitor import Monitor, routing_scalars, width_tag
+from .monitor import Monitor, routing_scalars
 from .widths import FULL_WIDTH, sample_width, uniform_policy
 
 
@@ -108,7 +108,8 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     engine = engine_lib.create_engine(cfg, model)
     state = checkpoint.load(engine, resume) if resume else TrainState()
     if resume:
-        say(f"resumed from {resume} at iteration {state.iteration}")
+        say(f"resumed from {resume} at iteration {state.iteration}"
+            + (" (checkpoint.init_from is not read when resuming)" if cfg.checkpoint.init_from else ""))
     if rank == 0:
         save_config(cfg, os.path.join(cfg.logging.out_dir, "config.yaml"))
     monitor = Monitor(cfg.logging.out_dir, cfg.logging.tensorboard and rank == 0, cfg.mose.eval_widths)
@@ -121,6 +122,11 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     say(f"training {cfg.model.name}: {t.max_iters} iterations of {global_batch} x {cfg.model.seq_len} tokens "
         f"on {world} rank(s), mode={'MoSE two-pass' if cfg.mose.enabled else 'MoE full width'}, "
         f"ZeRO-{cfg.engine.zero_stage}, {cfg.engine.precision}, EP={cfg.moe.expert_parallel_size}")
+    val_start = {}
+    if not resume and cfg.checkpoint.init_from:    # where continual pre-training starts from
+        val_start = evaluate(engine, cfg, val_split)
+        monitor.validation(val_start, 0)
+        say("val ppl at start | " + " | ".join(f"w={w:.2f}: {p:.2f}" for w, p in val_start.items()))
     start = last = time.time()
     first_iter = last_iter = state.iteration
     end = min(t.max_iters, t.stop_at) if t.stop_at else t.max_iters
@@ -160,7 +166,7 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
 
         if state.iteration % t.eval_interval == 0 or state.iteration == t.max_iters:
             val = evaluate(engine, cfg, val_split)
-            monitor.scalars({f"val/ppl/{width_tag(w)}": p for w, p in val.items()}, state.iteration)
+            monitor.validation(val, state.iteration)
             say("val ppl | " + " | ".join(f"w={w:.2f}: {p:.2f}" for w, p in val.items()))
             last, last_iter = time.time(), state.iteration   # tokens/s counts training only
 
@@ -173,19 +179,25 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     if not val and state.iteration == t.max_iters:   # resumed a finished run: report where it stands
         val = evaluate(engine, cfg, val_split)
     monitor.close()
-    summary = {"history": history, "val": val, "state": state, "engine": engine}
+    summary = {"history": history, "val": val, "val_start": val_start, "state": state, "engine": engine}
     if rank == 0 and not quiet:
-        print_summary(cfg, val, monitor.path)
+        print_summary(cfg, val, monitor.path, val_start)
     return summary
 
 
-def print_summary(cfg: RunConfig, val: dict[float, float], tb_path: str) -> None:
+def print_summary(cfg: RunConfig, val: dict[float, float], tb_path: str,
+                  val_start: dict[float, float] | None = None) -> None:
     if not val:
         print("\nno validation yet (stopped before the first eval_interval)")
+    elif val_start:     # continual pre-training: where each width started and where it is now
+        print("\n  width | val loss at start | val loss |  change\n  ------+-------------------+----------+--------")
+        for w, p in val.items():
+            before, after = math.log(val_start[w]), math.log(p)
+            print(f"  {w:5.2f} | {before:17.4f} | {after:8.4f} | {100 * (after / before - 1):+6.2f}%")
     else:
         print("\n  width | val ppl\n  ------+--------")
-    for w, p in val.items():
-        print(f"  {w:5.2f} | {p:8.2f}")
+        for w, p in val.items():
+            print(f"  {w:5.2f} | {p:8.2f}")
     print(f"\nTensorBoard logs: {os.path.abspath(tb_path)}   (tensorboard --logdir {tb_path})")
     print(f"Checkpoints:      {os.path.abspath(cfg.checkpoint_dir)}")
     print(f"Resolved config:  {os.path.abspath(os.path.join(cfg.logging.out_dir, 'config.yaml'))}")

@@ -97,14 +97,24 @@ def test_engine_extra_cannot_set_run_owned_keys():
         from_dict(tiny_raw(engine={"extra": {"train_batch_size": 8}}))
 
 
-def test_every_shipped_recipe_loads():
+def test_every_shipped_recipe_loads(monkeypatch):
+    """From the project root, as documented; the 16B recipe names the user's HF directory, so
+    the real DeepSeek-V2-Lite config.json stands in for it."""
     import glob
     import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lite = os.path.join(root, "..", "shared", "data", "deepseek", "deepseek_v2_lite_config.json")
+    monkeypatch.chdir(root)
     recipes = glob.glob(os.path.join(root, "ds_configs", "*.yaml"))
     assert len(recipes) >= 10
     for path in recipes:
-        load_config(path)
+        cfg = load_config(path, [f"model.hf_config={lite}"] if "deepseek_v2_lite" in path else [])
+        if "deepseek" in path:
+            assert cfg.model.family == "deepseek_v2" and cfg.moe.drop_tokens is False
+    lite_cfg = load_config(os.path.join(root, "ds_configs", "deepseek_v2_lite_cpt.yaml"), [f"model.hf_config={lite}"])
+    assert (lite_cfg.engine.zero_stage, lite_cfg.engine.precision, lite_cfg.moe.expert_parallel_size,
+            lite_cfg.mose.enabled, lite_cfg.moe.num_experts) == (2, "bf16", 8, True, 64)
+    assert lite_cfg.checkpoint.init_from and lite_cfg.optim.lr < 6e-4
 
 
 def test_lr_schedule_warms_up_then_decays_linearly_to_min_lr():

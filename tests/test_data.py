@@ -82,6 +82,60 @@ def test_byte_tokenizer_prepares_and_round_trips(tmp_path):
     assert TextCodec(tokenizer="bytes").encode("é") == [0xC3, 0xA9]
 
 
+GPT2_FILES = os.path.join(ROOT, "..", "shared", "data", "tokenizer", "gpt2")
+
+
+def test_an_hf_tokenizer_json_prepares_data_with_its_own_ids(tmp_path):
+    """A model directory's tokenizer.json (here GPT-2's, built from the shared vocab/merges)
+    gives exactly the ids of our GPT-2 tokenizer, and the folder keeps its own copy."""
+    from tokenizers import ByteLevelBPETokenizer
+    from mose_ds.tokenizer import TextCodec
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    tok = ByteLevelBPETokenizer(os.path.join(GPT2_FILES, "vocab.json"), os.path.join(GPT2_FILES, "merges.txt"))
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "config.json").write_text(json.dumps({"eos_token_id": EOT_ID}))
+    text = tmp_path / "t.txt"
+    text.write_text("Slimmable experts, 0.25x! " * 50 + "\nNaïve café.\n")
+    out = tmp_path / "hf"
+    result = run_prepare("--input", str(text), "--out", str(out), "--tokenizer", str(model_dir))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["tokenizer"], meta["dtype"], meta["vocab_size"], meta["eot_id"]) == \
+        ("tokenizer.json", "uint16", 50257, EOT_ID)
+    ids = np.concatenate([np.fromfile(out / "train.bin", np.uint16), np.fromfile(out / "val.bin", np.uint16)])
+    assert ids.tolist() == gpt2().encode_ordinary(text.read_text()) + [EOT_ID]
+    (model_dir / "tokenizer.json").unlink()                     # the prepared folder stands alone
+    codec = TextCodec.for_data(str(out))
+    assert codec.decode(codec.encode("Naïve café.")) == "Naïve café." and codec.eot == EOT_ID
+
+
+def test_a_vocabulary_beyond_uint16_is_stored_as_uint32(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = {f"w{i}": i for i in range(70_000)}
+    tok = Tokenizer(models.WordLevel({**words, "[UNK]": 70_000, "</s>": 70_001}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i}" for i in range(69_000, 69_990)))
+    out = tmp_path / "big"
+    result = run_prepare("--input", str(text), "--out", str(out), "--tokenizer",
+                         str(tmp_path / "tokenizer.json"), "--val-fraction", "0.5")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["dtype"], meta["vocab_size"], meta["eot_id"]) == ("uint32", 70_002, 70_001)
+    split = TokenSplit(str(out), "train", 8, 70_002)
+    x, y = split.batch(np.array([0]))
+    assert x[0].tolist() == list(range(69_000, 69_008)) and y[0, -1] == 69_008
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    result = run_prepare("--input", str(text), "--out", str(tmp_path / "o"), "--tokenizer", str(bad))
+    assert result.returncode == 2 and "bad.json: not a tokenizer.json" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_prepare_refuses_to_overwrite_and_missing_input(tmp_path, corpus):
     before = os.path.getmtime(os.path.join(corpus, "train.bin"))
     result = run_prepare("--input", os.path.join(ROOT, "corpus", "tinyshakespeare.txt"), "--out", corpus)

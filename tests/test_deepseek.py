@@ -185,6 +185,7 @@ def _break(folder, how):
     ("truncated", "model.safetensors: truncated"),
     ("shape", "has shape [31, 64] in model.safetensors, the config implies [32, 64]"),
     ("index", "names absent file(s): model-00002-of-00002.safetensors"),
+    ("ep", "moe.num_experts=8 is not divisible by moe.expert_parallel_size=3"),
 ])
 def test_bad_hf_input_is_a_one_line_error_and_writes_nothing(converted, tmp_path, capsys, how, message):
     import shutil
@@ -193,7 +194,99 @@ def test_bad_hf_input_is_a_one_line_error_and_writes_nothing(converted, tmp_path
     shutil.copytree(hf, broken)
     _break(broken, how)
     out = tmp_path / "out"
-    assert convert(broken, out) == 2
+    assert convert(broken, out, *(["--expert-parallel-size", "3"] if how == "ep" else [])) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+# --------------------------------------------------------------------------- MoSE -> HF, CPT, resume
+
+def export(ckpt, out, *extra) -> int:
+    from conftest import load_tool
+    return load_tool("convert_mose_to_hf").main(["--ckpt", str(ckpt), "--out", str(out), *extra])
+
+
+def hf_tensors(folder):
+    from safetensors.torch import load_file
+    out = {}
+    for file in sorted(os.listdir(folder)):
+        if file.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, file)))
+    return out
+
+
+def test_hf_to_mose_to_hf_is_bit_identical_and_loads_in_transformers(converted, tmp_path):
+    from transformers import AutoModelForCausalLM
+    reference, hf, weights = converted
+    assert export(weights, tmp_path / "back", "--max-shard-size", "8MB") == 0
+    assert (tmp_path / "back" / "model.safetensors.index.json").exists()       # sharded (26 MB of fp32)
+    original, back = hf_tensors(hf), hf_tensors(tmp_path / "back")
+    assert sorted(original) == sorted(back)
+    for name, tensor in original.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    tokens = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, reference(tokens).logits)
+
+
+def cpt_run(converted, corpus, out, **train_overrides):
+    """Two-pass continual pre-training of the converted tiny model (ZeRO-1, fp32, one rank)."""
+    from conftest import tiny_raw
+    from mose_ds.train import train
+    _, hf, weights = converted
+    raw = tiny_raw(train={"max_iters": 6, "grad_accum_steps": 2, **train_overrides},
+                   engine={"zero_stage": 1}, data={"path": corpus}, logging={"out_dir": str(out)},
+                   checkpoint={"interval": 100, "init_from": str(weights)}, mose={"eval_widths": [0.25, 1.0]})
+    raw["model"], raw["moe"] = {"hf_config": str(hf), "seq_len": 32}, {}
+    return train(from_dict(raw), quiet=True)
+
+
+def test_cpt_from_converted_weights_resumes_exactly_and_exports(converted, corpus, tmp_path):
+    """init_from starts a run (iteration 0, evaluated before training); an interrupted CPT run
+    resumed from its checkpoint (not from init_from) ends with the uninterrupted run's losses,
+    weights and optimizer state; the result exports to an HF model with our logits."""
+    import dataclasses
+    from transformers import AutoModelForCausalLM
+    from mose_ds.inference import load_model
+    from mose_ds.model import MoSEGPT
+    reference, _, _ = converted
+    straight = cpt_run(converted, corpus, tmp_path / "straight")
+    first = cpt_run(converted, corpus, tmp_path / "resumed", stop_at=3)
+    assert first["state"].iteration == 3 and set(first["val_start"]) == {0.25, 1.0}
+    second = cpt_run(converted, corpus, tmp_path / "resumed")
+    assert second["val_start"] == {} and [h["iteration"] for h in second["history"]] == [4, 5, 6]
+    assert second["history"] == straight["history"][3:]
+    a, b = straight["engine"].module.state_dict(), second["engine"].module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    opt_a, opt_b = (r["engine"].optimizer.state_dict() for r in (straight, second))
+    flat_a, flat_b = (torch.cat([s["exp_avg_sq"].flatten() for s in o["base_optimizer_state"]["state"].values()])
+                      for o in (opt_a, opt_b))
+    assert torch.equal(flat_a, flat_b)
+
+    assert export(tmp_path / "straight", tmp_path / "hf-cpt") == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-cpt").eval()
+    loaded = load_model(str(tmp_path / "straight"))
+    ours = MoSEGPT(loaded.cfg.model, dataclasses.replace(loaded.cfg.moe, drop_tokens=False)).eval()
+    ours.load_state_dict(loaded.model.state_dict())                # dropless, as the HF model computes
+    tokens = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = exported(tokens).logits
+        assert (ours(tokens)[0] - expected).abs().max().item() <= 1e-4
+        assert (reference(tokens).logits - expected).abs().max().item() > 1e-3      # CPT changed it
+
+
+def test_export_refuses_bad_input(converted, corpus, tmp_path, capsys):
+    from conftest import tiny_config
+    from mose_ds.train import train
+    cfg = tiny_config(data={"path": corpus}, logging={"out_dir": str(tmp_path / "gpt2")}, train={"max_iters": 1})
+    train(cfg, quiet=True)
+    cases = [(tmp_path / "gpt2", "a gpt2 model; only the DeepSeek-V2 family has an HF export"),
+             (tmp_path / "nowhere", "nowhere: no such file or directory")]
+    for ckpt, message in cases:
+        capsys.readouterr()
+        assert export(ckpt, tmp_path / "out") == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -120,7 +119,7 @@ def convert(args, say) -> tuple[str, int, int]:
     from mose_ds.config import ConfigError, from_dict, save_config
     from mose_ds.deepseek import HFConfigError, read_hf_config
     from mose_ds.hf_mapping import merge_fc1, to_ours
-    from mose_ds.shards import ShardError, read_tensor, write_file
+    from mose_ds.shards import ShardError, read_tensor, staged_folder, write_file
 
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
@@ -128,7 +127,8 @@ def convert(args, say) -> tuple[str, int, int]:
     try:
         hf = read_hf_config(args.hf)
         cfg = from_dict({"model": {"name": args.name or os.path.basename(os.path.abspath(args.hf)),
-                                   "hf": hf, "seq_len": args.seq_len}}, source=args.hf)
+                                   "hf": hf, "seq_len": args.seq_len},
+                         "moe": {"expert_parallel_size": args.expert_parallel_size}}, source=args.hf)
         tensors = plan(hf_tensors(args.hf), expected_shapes(cfg))
     except (HFConfigError, ConfigError, ShardError) as e:
         raise Failure(str(e)) from None
@@ -146,31 +146,22 @@ def convert(args, say) -> tuple[str, int, int]:
         bar.update(sum(e.end - e.start for _, e in sources))
         return merge_fc1(*parts) if len(parts) == 2 else to_ours(parts[0], sources[0][0])
 
-    partial = out + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
     weight_map = {}
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="converting", file=sys.stderr) as bar:
+        with staged_folder(out, args.overwrite) as partial, \
+                tqdm(total=total, unit="B", unit_scale=True, desc="converting", file=sys.stderr) as bar:
             for i, file in enumerate(files):
                 target = f"weights-{i + 1:05d}-of-{len(files):05d}.safetensors"
                 names = by_file[file]
                 write_file(os.path.join(partial, target), [(n, tensors[n][0], tensors[n][1]) for n in names],
                            produce, metadata={"format": "pt"})
                 weight_map.update({n: target for n in names})
-        with open(os.path.join(partial, WEIGHTS_INDEX), "w") as f:
-            json.dump({"format": FORMAT, "source": os.path.abspath(args.hf), "total_bytes": total,
-                       "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
-        save_config(cfg, os.path.join(partial, "config.yaml"))
+            with open(os.path.join(partial, WEIGHTS_INDEX), "w") as f:
+                json.dump({"format": FORMAT, "source": os.path.abspath(args.hf), "total_bytes": total,
+                           "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
+            save_config(cfg, os.path.join(partial, "config.yaml"))
     except (ShardError, OSError) as e:
-        shutil.rmtree(partial, ignore_errors=True)
         raise Failure(str(e)) from None
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(partial, out)
     return out, len(weight_map), total
 
 
@@ -180,6 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder (weights-*.safetensors, weights.index.json, config.yaml)")
     p.add_argument("--name", default=None, help="model name in the written config (default: the HF folder's name)")
     p.add_argument("--seq-len", type=int, default=4096, help="training sequence length recorded in the config")
+    p.add_argument("--expert-parallel-size", type=int, default=1,
+                   help="the expert-parallel size the run will use, checked against the expert count and "
+                        "recorded in config.yaml (the folder itself loads under any size)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
     start = time.time()

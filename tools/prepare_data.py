@@ -9,16 +9,20 @@ stream (cut at a document boundary when there are several documents) becomes `va
 Tokens stream through a temporary file, so memory stays small for OpenWebText-sized
 corpora; files are written under temporary names and `meta.json` comes last, so an
 interrupted run never leaves a folder that looks complete. `--tokenizer` is GPT-2 BPE (the
-default) or raw UTF-8 bytes.
+default), raw UTF-8 bytes, or an HF model directory (or its `tokenizer.json`), copied into
+the output; ids are stored as uint16, or uint32 when the vocabulary needs it (DeepSeek-V2:
+102,400).
 
     python tools/prepare_data.py --input corpus/tinyshakespeare.txt --out data/shakespeare
     python tools/prepare_data.py --hf-dataset openwebtext --out data/openwebtext --num-proc 16
+    python tools/prepare_data.py --input corpus/ --tokenizer /models/DeepSeek-V2-Lite --out data/cpt
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 
@@ -27,7 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mose_ds.data import write_meta  # noqa: E402
-from mose_ds.tokenizer import TOKENIZERS, base_tokenizer  # noqa: E402
+from mose_ds.tokenizer import HF_TOKENIZER_FILE, HFTokenizer, base_tokenizer  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 CHUNK_CHARS = 1 << 20
@@ -50,8 +54,13 @@ def local_documents(path: str) -> list[str]:
     fail(f"--input {path}: no such file or directory")
 
 
+def token_dtype(n_vocab: int):
+    return np.uint16 if n_vocab <= 1 << 16 else np.uint32
+
+
 def local_token_stream(files: list[str], enc):
-    """One uint16 array per document; large files are encoded in ~1 MB line-aligned chunks."""
+    """One id array per document; large files are encoded in ~1 MB line-aligned chunks."""
+    dtype = token_dtype(enc.n_vocab)
     total = sum(os.path.getsize(f) for f in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar:
         for path in files:
@@ -60,11 +69,11 @@ def local_token_stream(files: list[str], enc):
                 with open(path, encoding="utf-8") as f:
                     while chunk := f.read(CHUNK_CHARS):
                         chunk += f.readline()
-                        pieces.append(np.asarray(enc.encode_ordinary(chunk), dtype=np.uint16))
+                        pieces.append(np.asarray(enc.encode_ordinary(chunk), dtype=dtype))
                         bar.update(len(chunk.encode("utf-8")))
             except UnicodeDecodeError:
                 fail(f"{path}: not UTF-8 text")
-            pieces.append(np.array([enc.eot_token], dtype=np.uint16))
+            pieces.append(np.array([enc.eot_token], dtype=dtype))
             yield np.concatenate(pieces)
 
 
@@ -86,7 +95,7 @@ def hf_token_stream(enc, name: str, config: str | None, data_files: list[str] | 
     ds = ds.map(encode, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenizing")
     for batch in tqdm(ds.iter(batch_size=1024), total=-(-len(ds) // 1024), desc="collecting"):
         for ids in batch["ids"]:
-            yield np.asarray(ids, dtype=np.uint16)
+            yield np.asarray(ids, dtype=token_dtype(enc.n_vocab))
 
 
 def spool(docs, path: str, n_vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,8 +120,8 @@ def split_point(lengths: np.ndarray, val_fraction: float) -> int:
 
 
 def write_split(tokens: np.ndarray, path: str, remap: np.ndarray | None) -> int:
-    """Copy `tokens` into a uint16 memory map at `path` in chunks, renumbered through `remap`."""
-    out = np.memmap(path, dtype=np.uint16, mode="w+", shape=(max(len(tokens), 1),))
+    """Copy `tokens` into a memory map at `path` in chunks, renumbered through `remap`."""
+    out = np.memmap(path, dtype=tokens.dtype, mode="w+", shape=(max(len(tokens), 1),))
     step = 1 << 24
     name = os.path.basename(path).split(".")[0]
     for start in tqdm(range(0, len(tokens), step), desc=f"writing {name}", leave=False):
@@ -121,6 +130,19 @@ def write_split(tokens: np.ndarray, path: str, remap: np.ndarray | None) -> int:
     out.flush()
     del out
     return len(tokens)
+
+
+def hf_tokenizer_file(path: str) -> str:
+    """`tokenizer.json` of an HF model directory (or the file itself), loadable."""
+    file = os.path.join(path, HF_TOKENIZER_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        fail(f"--tokenizer {path}: not gpt2, bytes, an HF model directory with {HF_TOKENIZER_FILE}, "
+             "or a tokenizer.json file")
+    try:
+        HFTokenizer(file)
+    except ValueError as e:
+        fail(f"--tokenizer {path}: {e}")
+    return file
 
 
 def main(argv=None) -> None:
@@ -134,8 +156,9 @@ def main(argv=None) -> None:
     p.add_argument("--hf-split", default="train")
     p.add_argument("--text-field", default="text")
     p.add_argument("--out", required=True, help="output folder (train.bin, val.bin, meta.json)")
-    p.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS,
-                   help="gpt2: GPT-2 BPE (default); bytes: UTF-8 bytes, vocabulary 257")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="gpt2: GPT-2 BPE (default); bytes: UTF-8 bytes, vocabulary 257; or an HF model "
+                        "directory / tokenizer.json (e.g. DeepSeek-V2's)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--num-proc", type=int, default=1)
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
@@ -151,11 +174,13 @@ def main(argv=None) -> None:
         fail(f"--out {args.out} already holds prepared data (pass --overwrite to replace it)")
     if args.input:
         files, source = local_documents(args.input), os.path.abspath(args.input)
+    hf_file = None if args.tokenizer in ("gpt2", "bytes") else hf_tokenizer_file(args.tokenizer)
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
     if os.path.exists(meta_path):      # --overwrite: the folder stops looking complete first
         os.remove(meta_path)
-    enc = base_tokenizer(args.tokenizer)
+    enc = base_tokenizer(args.tokenizer) if hf_file is None else HFTokenizer(hf_file)
+    dtype = token_dtype(enc.n_vocab)
     if args.input:
         docs = local_token_stream(files, enc)
     else:
@@ -167,15 +192,15 @@ def main(argv=None) -> None:
     if lengths.sum() < 2:
         os.remove(stream_path)
         fail("the input holds no text")
-    tokens = np.memmap(stream_path, dtype=np.uint16, mode="r")
+    tokens = np.memmap(stream_path, dtype=dtype, mode="r")
     cut = split_point(lengths, args.val_fraction)
 
     vocab_size, eot, remap, extra = enc.n_vocab, enc.eot_token, None, {}
     if args.compact_vocab:
         present[enc.eot_token] = True
-        used = np.nonzero(present)[0].astype(np.uint16)          # new id = index in this array
-        remap = np.zeros(enc.n_vocab, dtype=np.uint16)
-        remap[used] = np.arange(len(used), dtype=np.uint16)
+        used = np.nonzero(present)[0].astype(dtype)              # new id = index in this array
+        remap = np.zeros(enc.n_vocab, dtype=dtype)
+        remap[used] = np.arange(len(used), dtype=dtype)
         np.save(os.path.join(args.out, "vocab.npy"), used)
         vocab_size, eot, extra = len(used), int(remap[enc.eot_token]), {"compact_vocab": "vocab.npy"}
     n_train = write_split(tokens[:cut], os.path.join(args.out, "train.bin.tmp"), remap)
@@ -184,8 +209,13 @@ def main(argv=None) -> None:
     os.remove(stream_path)
     for split in ("train", "val"):
         os.replace(os.path.join(args.out, f"{split}.bin.tmp"), os.path.join(args.out, f"{split}.bin"))
-    write_meta(args.out, {"tokenizer": args.tokenizer, "vocab_size": vocab_size, "eot_id": eot, **extra,
-                          "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_val,
+    tokenizer = args.tokenizer
+    if hf_file is not None:
+        shutil.copy(hf_file, os.path.join(args.out, HF_TOKENIZER_FILE))
+        tokenizer, extra = HF_TOKENIZER_FILE, {**extra, "base_eot_id": enc.eot_token,
+                                               "tokenizer_source": os.path.abspath(hf_file)}
+    write_meta(args.out, {"tokenizer": tokenizer, "vocab_size": vocab_size, "eot_id": eot, **extra,
+                          "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
                           "documents": len(lengths), "source": source})
     print(f"prepare_data: {len(lengths)} document(s), {n_train:,} train + {n_val:,} val tokens, "
           f"vocabulary {vocab_size:,}{' (compact)' if args.compact_vocab else ''} "

@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""MoSE-DS DeepSeek-V2 model -> HF directory that `transformers` loads (`DeepseekV2ForCausalLM`).
+
+    python tools/convert_mose_to_hf.py --ckpt runs/dsv2-lite-cpt --out export/dsv2-lite-cpt \\
+        --tokenizer-from /models/DeepSeek-V2-Lite
+
+`--ckpt` is either a weights folder written by `tools/convert_hf_to_mose.py` (streamed tensor
+by tensor, so an HF -> MoSE -> HF round trip is bit-identical and memory stays near one
+tensor) or a training checkpoint (a tag folder, a checkpoint root with `latest`, or a run
+folder; written under any ZeRO stage and expert-parallel layout), whose weights are loaded on
+one process. The model is exported at full width: routed experts, shared experts and all
+other weights as trained; width policies and gamma tables have no HF counterpart.
+
+Writes `config.json` (the HF config the model was built from, `torch_dtype` set to the
+exported dtype), `model.safetensors` or `model-XXXXX-of-YYYYY.safetensors` shards with
+`model.safetensors.index.json`, and the tokenizer files of `--tokenizer-from` when given.
+Everything is written under `<out>.partial` and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HF_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class Failure(Exception):
+    pass
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    upper = text.strip().upper()
+    for unit, scale in units.items():
+        if upper.endswith(unit) and upper[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(upper[:-len(unit)]) * scale)
+    if upper.isdigit():
+        return int(upper)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 5GB, 500MB)")
+
+
+def weights_source(folder: str, dtype):
+    """(config, [(HF name, dtype, shape, produce)]) of a weights folder, streamed by offset."""
+    from mose_ds.checkpoint import CheckpointError, checkpoint_config
+    from mose_ds.hf_mapping import hf_shape, ours_to_hf, to_hf
+    from mose_ds.shards import DTYPES as SAFE_DTYPES, read_header, read_tensor
+    index = os.path.join(folder, "weights.index.json")
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise Failure(f"{index}: not a weights index") from None
+    try:
+        cfg = checkpoint_config(folder)
+    except CheckpointError as e:
+        raise Failure(str(e)) from None
+    headers = {}
+    for file in sorted(set(weight_map.values())):
+        headers[file] = read_header(os.path.join(folder, file))
+    tensors = []
+    for name, file in weight_map.items():
+        entry = headers[file].get(name)
+        if entry is None:
+            raise Failure(f"{index}: tensor {name} is not in {file}")
+        for hf_name, layout in _hf_names(name, ours_to_hf):
+            out_dtype = dtype or SAFE_DTYPES[entry.dtype]
+            shape = hf_shape(entry.shape, layout)
+            tensors.append((hf_name, out_dtype, shape,
+                            lambda e=entry, l=layout, d=out_dtype: to_hf(read_tensor(e), l).to(d)))
+    return cfg, tensors
+
+
+def checkpoint_source(path: str, dtype):
+    """(config, [(HF name, dtype, shape, produce)]) of a training checkpoint, loaded on one rank."""
+    import torch
+    from mose_ds.checkpoint import CheckpointError
+    from mose_ds.hf_mapping import hf_shape, ours_to_hf, to_hf
+    from mose_ds.inference import load_model
+    try:
+        loaded = load_model(path)
+    except CheckpointError as e:
+        raise Failure(str(e)) from None
+    cfg = loaded.cfg
+    if cfg.model.family != "deepseek_v2":
+        raise Failure(f"{loaded.folder}: a {cfg.model.family} model; only the DeepSeek-V2 family has an HF export")
+    if dtype is None:
+        dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+    tensors = []
+    for name, param in loaded.model.named_parameters():
+        for hf_name, layout in _hf_names(name, ours_to_hf):
+            tensors.append((hf_name, dtype, hf_shape(tuple(param.shape), layout),
+                            lambda p=param, l=layout: to_hf(p.detach(), l).to(dtype).contiguous()))
+    return cfg, tensors
+
+
+def _hf_names(name: str, ours_to_hf) -> list[tuple[str, str]]:
+    try:
+        return ours_to_hf(name)
+    except KeyError:
+        raise Failure(f"tensor {name} has no DeepSeek-V2 counterpart") from None
+
+
+def shard_plan(tensors: list, max_bytes: int) -> list[list]:
+    """Consecutive tensors grouped into shards of at most `max_bytes` (a larger tensor alone)."""
+    shards, size = [[]], 0
+    for t in tensors:
+        nbytes = _nbytes(t)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    return shards
+
+
+def _nbytes(t) -> int:
+    _, dtype, shape, _ = t
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def hf_config(cfg, dtype_name: str) -> dict:
+    """The HF config the model was built from, for the native `DeepseekV2ForCausalLM`."""
+    hf = {k: v for k, v in cfg.model.hf.items() if k not in ("auto_map", "dtype", "torch_dtype")}
+    return {**hf, "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+            "torch_dtype": dtype_name}
+
+
+def convert(args) -> tuple[str, int, int, int]:
+    import torch
+    from tqdm import tqdm
+    from mose_ds.shards import NAMES, ShardError, staged_folder, write_file
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        raise Failure(f"--out {out} exists (pass --overwrite to replace it)")
+    if not os.path.exists(args.ckpt):
+        raise Failure(f"--ckpt {args.ckpt}: no such file or directory")
+    if args.tokenizer_from and not os.path.isfile(os.path.join(args.tokenizer_from, "tokenizer.json")):
+        raise Failure(f"--tokenizer-from {args.tokenizer_from}: no tokenizer.json there")
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else None
+    try:
+        if os.path.isfile(os.path.join(args.ckpt, "weights.index.json")):
+            cfg, tensors = weights_source(args.ckpt, dtype)
+        else:
+            cfg, tensors = checkpoint_source(args.ckpt, dtype)
+    except ShardError as e:
+        raise Failure(str(e)) from None
+    tensors.sort(key=lambda t: _hf_order(t[0]))
+    dtypes = {t[1] for t in tensors}
+    dtype_name = str(max(dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
+    shards = shard_plan(tensors, args.max_shard_size)
+    total = sum(_nbytes(t) for t in tensors)
+    copied = []
+    try:
+        with staged_folder(out, args.overwrite) as partial, \
+                tqdm(total=total, unit="B", unit_scale=True, desc="exporting", file=sys.stderr) as bar:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                file = "model.safetensors" if len(shards) == 1 else \
+                    f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                produce = {name: fn for name, _, _, fn in shard}
+
+                def make(name, produce=produce):
+                    tensor = produce[name]()
+                    bar.update(tensor.numel() * tensor.element_size())
+                    return tensor
+                write_file(os.path.join(partial, file), [(n, d, s) for n, d, s, _ in shard], make,
+                           metadata={"format": "pt"})
+                weight_map.update({name: file for name, *_ in shard})
+            if len(shards) > 1:
+                with open(os.path.join(partial, HF_INDEX), "w") as f:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            with open(os.path.join(partial, "config.json"), "w") as f:
+                json.dump(hf_config(cfg, dtype_name), f, indent=2)
+            for name in TOKENIZER_FILES if args.tokenizer_from else ():
+                if os.path.isfile(os.path.join(args.tokenizer_from, name)):
+                    shutil.copy(os.path.join(args.tokenizer_from, name), os.path.join(partial, name))
+                    copied.append(name)
+    except (ShardError, OSError) as e:
+        raise Failure(str(e)) from None
+    print(f"dtypes: {', '.join(sorted(NAMES[d] for d in dtypes))}; tokenizer files: "
+          f"{', '.join(copied) or 'none (pass --tokenizer-from HF_DIR)'}")
+    return out, len(tensors), len(shards), total
+
+
+def _hf_order(name: str):
+    """Layers in numeric order (as HF writes them), then the rest."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[1] == "layers":
+        return (1, int(parts[2]), name)
+    return (0 if "embed" in name else 2, 0, name)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Export a MoSE-DS DeepSeek-V2 model (full width) to an HF directory.")
+    p.add_argument("--ckpt", required=True,
+                   help="weights folder (convert_hf_to_mose.py) or training checkpoint / run folder")
+    p.add_argument("--out", required=True, help="output HF directory")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: the weights folder's dtypes, or the run's precision for a checkpoint")
+    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
+                   help="largest safetensors shard (default 5GB, as save_pretrained)")
+    p.add_argument("--tokenizer-from", default=None,
+                   help="HF directory whose tokenizer files are copied into --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    args = p.parse_args(argv)
+    start = time.time()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            from mose_ds.train import quiet_libraries
+            quiet_libraries()
+            out, count, shards, total = convert(args)
+    except Failure as e:
+        print(f"convert_mose_to_hf: error: {e}", file=sys.stderr)
+        return 2
+    print(f"convert_mose_to_hf: {count} tensors, {total / 2**20:,.1f} MiB in {shards} shard(s), "
+          f"{time.time() - start:.1f}s -> {out} (AutoModelForCausalLM.from_pretrained({out!r}))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
