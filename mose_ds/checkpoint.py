@@ -146,6 +146,19 @@ def load(engine, folder: str) -> TrainState:
 WEIGHTS_INDEX = "weights.index.json"
 
 
+def read_weights_index(folder: str) -> dict[str, str]:
+    """{tensor name: file} of a weights folder written by tools/convert_hf_to_mose.py."""
+    index_path = os.path.join(folder, WEIGHTS_INDEX)
+    try:
+        with open(index_path) as f:
+            return dict(json.load(f)["weight_map"])
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint.init_from: {index_path} is missing (not a folder written by "
+                              "tools/convert_hf_to_mose.py)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(f"checkpoint.init_from: {index_path} is not a weights index") from None
+
+
 @torch.no_grad()
 def load_weights(model, folder: str, expert_rank: int = 0) -> int:
     """Copy a weights folder into `model` (this rank's experts only); returns tensors read.
@@ -154,15 +167,7 @@ def load_weights(model, folder: str, expert_rank: int = 0) -> int:
     half-loaded into a run. Values are cast to the parameter's dtype.
     """
     from .shards import ShardError, read_header, read_tensor
-    index_path = os.path.join(folder, WEIGHTS_INDEX)
-    try:
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint.init_from: {index_path} is missing (not a folder written by "
-                              "tools/convert_hf_to_mose.py)") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint.init_from: {index_path} is not a weights index") from None
+    weight_map = read_weights_index(folder)
     params = dict(model.global_parameters(expert_rank))
     missing = [n for n in params if n not in weight_map]
     if missing:

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HF_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class Failure(Exception):
@@ -53,17 +53,11 @@ def parse_size(text: str) -> int:
 
 def weights_source(folder: str, dtype):
     """(config, [(HF name, dtype, shape, produce)]) of a weights folder, streamed by offset."""
-    from mose_ds.checkpoint import CheckpointError, checkpoint_config
+    from mose_ds.checkpoint import CheckpointError, checkpoint_config, read_weights_index
     from mose_ds.hf_mapping import hf_shape, ours_to_hf, to_hf
     from mose_ds.shards import DTYPES as SAFE_DTYPES, read_header, read_tensor
-    index = os.path.join(folder, "weights.index.json")
     try:
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise Failure(f"{index}: not a weights index") from None
-    try:
-        cfg = checkpoint_config(folder)
+        weight_map, cfg = read_weights_index(folder), checkpoint_config(folder)
     except CheckpointError as e:
         raise Failure(str(e)) from None
     headers = {}
@@ -73,7 +67,7 @@ def weights_source(folder: str, dtype):
     for name, file in weight_map.items():
         entry = headers[file].get(name)
         if entry is None:
-            raise Failure(f"{index}: tensor {name} is not in {file}")
+            raise Failure(f"{folder}/weights.index.json: tensor {name} is not in {file}")
         for hf_name, layout in _hf_names(name, ours_to_hf):
             out_dtype = dtype or SAFE_DTYPES[entry.dtype]
             shape = hf_shape(entry.shape, layout)
@@ -211,7 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", required=True,
                    help="weights folder (convert_hf_to_mose.py) or training checkpoint / run folder")
     p.add_argument("--out", required=True, help="output HF directory")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+    p.add_argument("--dtype", default="auto", choices=["auto", *EXPORT_DTYPES],
                    help="auto: the weights folder's dtypes, or the run's precision for a checkpoint")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                    help="largest safetensors shard (default 5GB, as save_pretrained)")
