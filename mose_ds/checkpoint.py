@@ -1,11 +1,15 @@
-"""Where a checkpoint is written and read.
+"""Where a checkpoint is written, verified and read.
 
 A checkpoint is DeepSpeed's own (`save_checkpoint`: model states, ZeRO optimizer shards and
-one file per expert) plus, in the same tag folder, the resolved `config.yaml` and one
-`rng_state_rank{r}.pt` per rank. The iteration and data position travel in DeepSpeed's
-client state. The `latest` pointer is written by us, atomically, only after every rank has
-finished writing, so an interrupted save never becomes the checkpoint a resume picks.
-Resuming with a config whose architecture differs from the checkpoint's is refused.
+one file per expert) plus, in the same tag folder, the resolved `config.yaml`, one
+`rng_state_rank{r}.pt` per rank and, written last, `manifest.json`: the size and CRC-32 of
+every file, computed by all ranks in parallel after every rank has finished writing. A tag
+folder without a manifest, or whose files do not match it, is partial or damaged: resuming
+reports it and falls back to the newest checkpoint that verifies. `latest` is rewritten,
+atomically, only after the manifest; the last `checkpoint.keep_last` good checkpoints are
+kept. The iteration and data position travel in DeepSpeed's client state. Resuming with a
+config whose architecture or parallel layout differs from the checkpoint's is refused (a
+different layout goes through tools/convert_checkpoint.py).
 
 `checkpoint.init_from` is the other way in: a weights folder (written by
 `tools/convert_hf_to_mose.py`) whose tensors initialise a new run at iteration 0 with a fresh
@@ -17,6 +21,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +34,8 @@ from deepspeed import comm as dist
 from .config import ConfigError, RunConfig, from_dict, save_config
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+TAG_RE = re.compile(r"^iter_(\d{8})$")
 
 
 class CheckpointError(RuntimeError):
@@ -59,51 +68,181 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(engine, cfg: RunConfig, state: TrainState) -> str:
-    """Write a checkpoint for `state` and point `latest` at it; returns the tag folder."""
+    """Write a checkpoint for `state`, verify-stamp it, point `latest` at it and prune old
+    ones; returns the tag folder. Collective: every rank calls it."""
     root, tag = cfg.checkpoint_dir, tag_for(state.iteration)
-    client = {"iteration": state.iteration, "data_position": state.data_position}
-    engine.save_checkpoint(root, tag=tag, client_state=client, save_latest=False)
     folder = os.path.join(root, tag)
-    torch.save(_rng_state(), os.path.join(folder, f"rng_state_rank{dist.get_rank()}.pt"))
-    if dist.get_rank() == 0:
-        save_config(cfg, os.path.join(folder, "config.yaml"))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0 and os.path.isdir(folder):   # left by a job that died while writing it
+        shutil.rmtree(folder)
     dist.barrier()
-    if dist.get_rank() == 0:
-        tmp = os.path.join(root, f"{LATEST}.tmp")
-        with open(tmp, "w") as f:
-            f.write(tag)
-        os.replace(tmp, os.path.join(root, LATEST))
+    client = {"iteration": state.iteration, "data_position": state.data_position,
+              "world_size": world, "expert_parallel_size": cfg.moe.expert_parallel_size}
+    engine.save_checkpoint(root, tag=tag, client_state=client, save_latest=False)
+    torch.save(_rng_state(), os.path.join(folder, f"rng_state_rank{rank}.pt"))
+    if rank == 0:
+        save_config(cfg, os.path.join(folder, "config.yaml"))
+    dist.barrier()                              # every rank has written all its files
+    files = _gather(_describe_files(folder, sorted(os.listdir(folder))))
+    from .engine import expert_rank
+    expert_ranks = _gather({rank: expert_rank(engine.module)})
+    if rank == 0:
+        manifest = {"tag": tag, "iteration": state.iteration, "world_size": world,
+                    "expert_parallel_size": cfg.moe.expert_parallel_size,
+                    "expert_ranks": [expert_ranks[r] for r in range(world)], "files": files}
+        _write_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
+        _write_atomic(os.path.join(root, LATEST), tag)
+        prune(root, cfg.checkpoint.keep_last)
     dist.barrier()
     return folder
 
 
-def find_resume(cfg: RunConfig) -> str | None:
-    """The tag folder to resume from, following `checkpoint.resume` (auto / never / a path)."""
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _file_record(path: str) -> dict:
+    """Size and CRC-32 of a file; also flushes it to stable storage."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+        os.fsync(f.fileno())
+    return {"bytes": size, "crc32": f"{crc:08x}"}
+
+
+def _describe_files(folder: str, names: list[str]) -> dict:
+    """This rank's share (every world-size-th file) of the folder's records."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return {n: _file_record(os.path.join(folder, n)) for n in names[rank::world]}
+
+
+def _gather(part: dict) -> dict:
+    """Merge every rank's dict (object all-gather)."""
+    parts = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def problems(folder: str, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """Why a tag folder is not a complete checkpoint ([] when it verifies). `share` =
+    (index, count) checks only every count-th file, so ranks can split the reading."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return [f"{folder} has no {MANIFEST} (its save never finished)"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{os.path.join(folder, MANIFEST)} is unreadable"]
+    found = []
+    for name in sorted(files)[share[0]::share[1]]:
+        path, want = os.path.join(folder, name), files[name]
+        if not os.path.isfile(path):
+            found.append(f"{path} is missing")
+            continue
+        size = os.path.getsize(path)
+        if size != want["bytes"]:
+            found.append(f"{path} has {size} bytes, the manifest says {want['bytes']} (truncated?)")
+        elif _file_record(path)["crc32"] != want["crc32"]:
+            found.append(f"{path} fails its CRC-32 check (corrupted)")
+    return found
+
+
+def verify(folder: str) -> list[str]:
+    """`problems` with the reading split over all ranks; collective when distributed."""
+    if not dist.is_initialized():
+        return problems(folder)
+    parts = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(parts, problems(folder, (dist.get_rank(), dist.get_world_size())))
+    return sorted({p for part in parts for p in part})
+
+
+def tags(root: str) -> list[str]:
+    """Checkpoint tag folders under a run's checkpoint directory, newest first."""
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted((n for n in names if TAG_RE.match(n) and os.path.isdir(os.path.join(root, n))), reverse=True)
+
+
+def prune(root: str, keep_last: int) -> list[str]:
+    """Delete all but the newest `keep_last` complete checkpoints (0: keep all) and every
+    incomplete folder older than the newest complete one; returns what was deleted."""
+    complete = [t for t in tags(root) if os.path.isfile(os.path.join(root, t, MANIFEST))]
+    if not complete:
+        return []
+    doomed = complete[keep_last:] if keep_last else []
+    doomed += [t for t in tags(root) if t not in complete and t < complete[0]]
+    for t in doomed:
+        shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+    return doomed
+
+
+def newest_good(root: str, report=print) -> str | None:
+    """The newest tag folder under `root` that verifies, reporting each one skipped."""
+    for tag in tags(root):
+        folder = os.path.join(root, tag)
+        found = verify(folder)
+        if not found:
+            return os.path.abspath(folder)
+        report(f"warning: skipping checkpoint {folder}: {found[0]}"
+               + (f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""))
+    return None
+
+
+def find_resume(cfg: RunConfig, report=print) -> str | None:
+    """The tag folder to resume from, following `checkpoint.resume` (auto / never / a path).
+
+    A run folder (auto, or a path to one) resumes from its newest checkpoint that verifies;
+    a tag folder given explicitly must verify itself."""
     mode = cfg.checkpoint.resume
+    root = cfg.checkpoint_dir if mode in ("auto", "never") else mode
     if mode == "never":
-        if os.path.exists(os.path.join(cfg.checkpoint_dir, LATEST)):
-            raise ConfigError(f"checkpoint.resume=never but {cfg.checkpoint_dir} already holds a run; "
+        if tags(root) or os.path.exists(os.path.join(root, LATEST)):
+            raise ConfigError(f"checkpoint.resume=never but {root} already holds a run; "
                               "use checkpoint.resume=auto to continue it or another logging.out_dir")
         return None
-    if mode == "auto":
-        root = cfg.checkpoint_dir
-        if not os.path.exists(os.path.join(root, LATEST)):
-            return None
-    else:
-        root = mode
+    if mode != "auto":
         if not os.path.exists(root):
             raise CheckpointError(f"checkpoint.resume: no such checkpoint: {root}")
-        if os.path.isfile(os.path.join(root, "config.yaml")):
+        if os.path.isfile(os.path.join(root, "universal.json")):    # tools/convert_checkpoint.py
+            if tags(cfg.checkpoint_dir):     # a restarted job continues from what it saved since
+                report(f"note: {cfg.checkpoint_dir} already holds this run's checkpoints; "
+                       f"resuming from them, not from {root}")
+                return newest_good(cfg.checkpoint_dir, report)
             return os.path.abspath(root)
-    try:
-        with open(os.path.join(root, LATEST)) as f:
-            tag = f.read().strip()
-    except OSError:
-        raise CheckpointError(f"checkpoint.resume: {root} has neither config.yaml nor a '{LATEST}' file") from None
-    folder = os.path.join(root, tag)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{os.path.join(root, LATEST)} names {tag!r}, which does not exist")
-    return os.path.abspath(folder)
+        if os.path.isfile(os.path.join(root, "config.yaml")):
+            found = verify(root)
+            if found:
+                raise CheckpointError(f"checkpoint.resume: {found[0]}")
+            return os.path.abspath(root)
+        if os.path.isdir(os.path.join(root, "checkpoints")) and not tags(root):
+            root = os.path.join(root, "checkpoints")     # a run folder
+        if not tags(root):
+            raise CheckpointError(f"checkpoint.resume: {root} holds no checkpoint (no iter_* folder)")
+    folder = newest_good(root, report)
+    if folder is None and any(os.path.exists(os.path.join(root, t, MANIFEST)) for t in tags(root)):
+        # Finished checkpoints exist but all are damaged: never silently start over.
+        raise CheckpointError(f"no complete checkpoint under {root}: every iter_* folder failed verification")
+    if folder is None and tags(root):
+        report(f"note: no checkpoint under {root} was ever finished; starting from iteration 0")
+    return folder
+
+
+def check_layout(folder: str, world_size: int, expert_parallel_size: int) -> None:
+    """Refuse a checkpoint written by another world size or expert-parallel size: its ZeRO
+    shards cannot be read by this job (tools/convert_checkpoint.py makes one that can)."""
+    with open(os.path.join(folder, MANIFEST)) as f:
+        saved = json.load(f)
+    if (saved["world_size"], saved["expert_parallel_size"]) != (world_size, expert_parallel_size):
+        raise CheckpointError(
+            f"checkpoint {folder} was written by {saved['world_size']} rank(s) with expert-parallel size "
+            f"{saved['expert_parallel_size']}; this job has {world_size} with {expert_parallel_size}. Convert it: "
+            f"python tools/convert_checkpoint.py --ckpt {folder} --out <dir>, then resume from <dir>")
 
 
 def checkpoint_config(folder: str) -> RunConfig:

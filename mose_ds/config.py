@@ -204,6 +204,10 @@ class TrainConfig:
 
     `stop_at` ends this job after that iteration with a checkpoint (for time-limited jobs);
     the schedule still runs to `max_iters`, and a resumed job continues it. 0 = never.
+    An iteration whose loss is not finite on any rank changes no weight (it is skipped and
+    logged); `max_nonfinite_in_a_row` such iterations in a row stop the run.
+    `activation_checkpointing` recomputes each block's activations in the backward pass
+    (only block inputs are kept), trading about a third more compute for memory.
     Validation reads the first `eval_batches` micro-batches per rank of the val split (the same
     windows at every evaluation), so compare validation numbers between runs of one world size.
     """
@@ -215,10 +219,12 @@ class TrainConfig:
     eval_interval: int = 500
     eval_batches: int = 20
     log_interval: int = 10
+    max_nonfinite_in_a_row: int = 5
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         _positive(self, "micro_batch_size", "grad_accum_steps", "max_iters", "eval_interval",
-                  "eval_batches", "log_interval")
+                  "eval_batches", "log_interval", "max_nonfinite_in_a_row")
         for key in ("stop_at", "seed"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
@@ -242,6 +248,7 @@ class EngineConfig:
     overlap_comm: bool = False
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
+    comm_timeout_s: int = 600     # a collective that waits longer aborts the job (a dead peer)
     extra: dict = field(default_factory=dict)
 
     OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -253,6 +260,10 @@ class EngineConfig:
                               "(DeepSpeed MoE does not support ZeRO-3)")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"engine.precision={self.precision!r}: expected 'fp32' or 'bf16'")
+        _positive(self, "comm_timeout_s")
+        if self.zero_stage == 0 and self.precision == "bf16":
+            raise ConfigError("engine.zero_stage=0 with engine.precision=bf16: DeepSpeed accumulates bf16 "
+                              "gradients in fp32 only under ZeRO; use engine.zero_stage=1 or 2")
         for key in self.extra:
             if key in self.OWNED:
                 raise ConfigError(f"engine.extra.{key} is set by the run config, not the engine section")
@@ -268,15 +279,19 @@ class LoggingConfig:
 class CheckpointConfig:
     """`resume`: 'auto' (latest in `dir` if any), 'never', or a checkpoint directory.
     `init_from`: a weights folder (tools/convert_hf_to_mose.py) that starts a new run
-    (continual pre-training); a run that finds a checkpoint to resume resumes instead."""
+    (continual pre-training); a run that finds a checkpoint to resume resumes instead.
+    `keep_last`: how many complete checkpoints to keep (0: all)."""
     dir: str = ""
     interval: int = 1000
     resume: str = "auto"
     save_final: bool = True
     init_from: str = ""
+    keep_last: int = 0
 
     def __post_init__(self):
         _positive(self, "interval")
+        if self.keep_last < 0:
+            raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 0 (0: keep all)")
 
 
 # HF config keys that neither weights nor computation depend on (an exported or re-saved

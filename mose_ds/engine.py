@@ -10,6 +10,7 @@ come from the run config.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -30,8 +31,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(seed: int = 1234) -> None:
-    """Join the launcher's process group, or make a one-rank world when run without one."""
+def init_distributed(seed: int = 1234, timeout_s: int = 600) -> None:
+    """Join the launcher's process group, or make a one-rank world when run without one.
+
+    A collective that waits `timeout_s` for a peer (one that died) raises instead of hanging;
+    on NCCL that needs async error handling, switched on here unless the user set it."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -39,8 +43,10 @@ def init_distributed(seed: int = 1234) -> None:
     on_cpu = cpu_compat.apply(seed)
     if not on_cpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
     from megatron.core import parallel_state
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
@@ -64,7 +70,8 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
 def build_model(cfg: RunConfig) -> MoSEGPT:
     """Build, attach DeepSpeed's expert-parallel groups, and initialise (layout-independent)."""
     check_layout(cfg, dist.get_world_size())
-    model = MoSEGPT(cfg.model, cfg.moe, bf16=cfg.engine.precision == "bf16")
+    model = MoSEGPT(cfg.model, cfg.moe, bf16=cfg.engine.precision == "bf16",
+                    activation_checkpointing=cfg.train.activation_checkpointing)
     for moe in model.moe_layers():
         moe.set_deepspeed_parallelism()
     model.init_weights(cfg.train.seed, expert_rank(model))
@@ -122,10 +129,34 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     }
 
 
+class SkippableAdamW(torch.optim.AdamW):
+    """torch AdamW whose next `step` calls do nothing while `skip` is set.
+
+    The training loop sets it for an iteration with a non-finite loss: under every ZeRO stage
+    DeepSpeed then runs its usual boundary (gradient reduction, lr schedule, counters) while
+    weights and Adam moments stay exactly as they were."""
+
+    skip = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.skip:
+            return None
+        return super().step(closure)
+
+
+def base_optimizer(engine) -> SkippableAdamW:
+    """Our AdamW inside whatever DeepSpeed wrapped it in (ZeRO, bf16 or none)."""
+    opt = engine.optimizer
+    while not isinstance(opt, SkippableAdamW):
+        opt = opt.optimizer
+    return opt
+
+
 def create_engine(cfg: RunConfig, model: MoSEGPT):
     """DeepSpeed engine with torch AdamW and the warmup/linear-decay schedule."""
     o = cfg.optim
-    optimizer = torch.optim.AdamW(optimizer_groups(model, o.weight_decay), lr=o.lr,
+    optimizer = SkippableAdamW(optimizer_groups(model, o.weight_decay), lr=o.lr,
                                   betas=(o.beta1, o.beta2), eps=o.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_at(it, o, cfg.train.max_iters) / o.lr)

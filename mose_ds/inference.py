@@ -18,13 +18,14 @@ import glob
 import hashlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from .checkpoint import LATEST, CheckpointError, checkpoint_config
+from .checkpoint import CheckpointError, checkpoint_config, newest_good, tags
 from .config import RunConfig
 from .data import TokenSplit, val_batch_count, val_batches
 from .flops import FlopsMeter
@@ -49,22 +50,21 @@ class LoadedModel:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A tag folder from a tag folder, a checkpoint root with `latest`, or a run folder."""
+    """A tag folder from a tag folder, or the newest verified checkpoint of a checkpoint
+    root or run folder (partial or damaged ones are reported on stderr and skipped)."""
     if not os.path.exists(path):
         raise CheckpointError(f"no such checkpoint: {path}")
     if os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isfile(
             os.path.join(path, "mp_rank_00_model_states.pt")):
         return os.path.abspath(path)
     for root in (path, os.path.join(path, "checkpoints")):
-        latest = os.path.join(root, LATEST)
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                folder = os.path.join(root, f.read().strip())
-            if not os.path.isdir(folder):
-                raise CheckpointError(f"{latest} names a missing folder {folder}")
-            return os.path.abspath(folder)
+        if tags(root):
+            folder = newest_good(root, report=lambda msg: print(msg, file=sys.stderr))
+            if folder is None:
+                raise CheckpointError(f"no complete checkpoint under {root}: every iter_* folder failed verification")
+            return folder
     raise CheckpointError(f"{path} is not a checkpoint (no config.yaml + mp_rank_00_model_states.pt, "
-                          f"no '{LATEST}' file, no checkpoints/{LATEST})")
+                          "no iter_* folders in it or in its checkpoints/)")
 
 
 def _torch_load(path: str) -> dict:

@@ -26,6 +26,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, MoEConfig
 from .deepseek import MultiLatentAttention
@@ -106,9 +107,12 @@ def layer_spec(model: ModelConfig, moe: MoEConfig, index: int) -> ModuleSpec:
 
 
 class MoSEGPT(nn.Module):
-    def __init__(self, model: ModelConfig, moe: MoEConfig, bf16: bool = False):
+    def __init__(self, model: ModelConfig, moe: MoEConfig, bf16: bool = False,
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.cfg, self.moe_cfg = model, moe
+        # Keep only each block's input during training; recompute the rest in backward.
+        self.activation_checkpointing = activation_checkpointing
         tconfig = transformer_config(model, bf16)
         D = model.hidden_size
         self.wte = nn.Embedding(model.vocab_size, D)
@@ -136,8 +140,12 @@ class MoSEGPT(nn.Module):
         h_SBD = h_BSD.transpose(0, 1).contiguous()
         mask = self.causal_mask[..., :S, :S]
         routing = []
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h_SBD, info = layer(h_SBD, mask, width_policy)
+            if recompute:   # non-reentrant: RNG state is replayed, outputs may be any structure
+                h_SBD, info = checkpoint(layer, h_SBD, mask, width_policy, use_reentrant=False)
+            else:
+                h_SBD, info = layer(h_SBD, mask, width_policy)
             if info is not None:
                 routing.append(info)
         h_BSD = self.final_norm(h_SBD).transpose(0, 1)

@@ -21,7 +21,7 @@ import warnings
 import torch
 from deepspeed import comm as dist
 
-from . import checkpoint, engine as engine_lib
+from . import checkpoint, engine as engine_lib, universal
 from .checkpoint import CheckpointError, TrainState
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data import TokenSplit, micro_batch, val_batch_count, val_batches
@@ -38,8 +38,36 @@ def branch_loss(engine, x_BS, y_BS, policy):
     return lm + aux, lm, routing
 
 
-def train_micro_batch(engine, cfg: RunConfig, x_BS, y_BS, width: float | None) -> dict:
-    """Forward/backward of one micro-batch: full width, plus the sampled width if MoSE."""
+class TrainingHalted(RuntimeError):
+    """Training cannot go on (for example a run of non-finite losses); the message says why
+    and where the last good state is."""
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """Whether `loss` is finite on every rank (one small all-reduce), so ranks agree on skips."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+    dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def backward_and_step(engine, loss: torch.Tensor, skipping: bool) -> bool:
+    """One DeepSpeed micro-step; returns whether this iteration's update is being skipped.
+
+    A non-finite loss back-propagates as zero (no NaN reaches the gradients) and marks the
+    iteration: at its accumulation boundary the optimizer leaves weights and moments as they
+    were, while DeepSpeed's own bookkeeping (reduction, schedule, counters) runs as usual."""
+    finite = all_finite(loss)
+    engine.backward(loss if finite else torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0))
+    skipping = skipping or not finite
+    engine_lib.base_optimizer(engine).skip = skipping
+    engine.step()
+    return skipping
+
+
+def train_micro_batch(engine, cfg: RunConfig, x_BS, y_BS, width: float | None,
+                      skipping: bool = False) -> tuple[dict, bool]:
+    """Forward/backward of one micro-batch: full width, plus the sampled width if MoSE.
+    Returns {branch: (LM loss, routing stats)} and whether the iteration is being skipped."""
     branches = [("full", FULL_WIDTH)]
     if width is not None:
         branches.append(("width", uniform_policy(width)))
@@ -49,15 +77,14 @@ def train_micro_batch(engine, cfg: RunConfig, x_BS, y_BS, width: float | None) -
         results = []
         for _, policy in branches:
             loss, lm, routing = branch_loss(engine, x_BS, y_BS, policy)
-            engine.backward(loss)
-            engine.step()
+            skipping = backward_and_step(engine, loss, skipping)
             results.append((lm, routing))
     else:
         outs = [branch_loss(engine, x_BS, y_BS, policy) for _, policy in branches]
-        engine.backward(sum(o[0] for o in outs) / len(outs))
-        engine.step()
+        skipping = backward_and_step(engine, sum(o[0] for o in outs) / len(outs), skipping)
         results = [(lm, routing) for _, lm, routing in outs]
-    return {name: (lm.item(), [r.stats for r in routing]) for (name, _), (lm, routing) in zip(branches, results)}
+    stats = {name: (lm.item(), [r.stats for r in routing]) for (name, _), (lm, routing) in zip(branches, results)}
+    return stats, skipping
 
 
 @torch.no_grad()
@@ -86,17 +113,21 @@ def _fmt_time(seconds: float) -> str:
 
 def train(cfg: RunConfig, quiet: bool = False) -> dict:
     """Run (or resume) training to `train.max_iters`; returns losses and the last validation."""
-    engine_lib.init_distributed(cfg.train.seed)
+    engine_lib.init_distributed(cfg.train.seed, cfg.engine.comm_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     say = (lambda *a: None) if quiet or rank else (lambda *a: print(*a, flush=True))
+    warn = (lambda *a: None) if rank else (lambda *a: print(*a, file=sys.stderr, flush=True))
     engine_lib.check_layout(cfg, world)
     # Everything that can be refused is checked before anything is written.
     train_split = TokenSplit(cfg.data.path, "train", cfg.model.seq_len, cfg.model.vocab_size)
     val_split = TokenSplit(cfg.data.path, "val", cfg.model.seq_len, cfg.model.vocab_size)
     val_batch_count(val_split, cfg.train.eval_batches, world, cfg.train.micro_batch_size)
-    resume = checkpoint.find_resume(cfg)
+    resume = checkpoint.find_resume(cfg, report=warn)
+    relayout = bool(resume) and universal.is_universal(resume)
     if resume:
         checkpoint.check_architecture(cfg, resume)
+        if not relayout:
+            checkpoint.check_layout(resume, world, cfg.moe.expert_parallel_size)
     elif cfg.checkpoint.init_from:
         checkpoint.check_architecture(cfg, cfg.checkpoint.init_from)
 
@@ -106,7 +137,10 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
         count = checkpoint.load_weights(model, cfg.checkpoint.init_from, engine_lib.expert_rank(model))
         say(f"initialised {count} tensors from {cfg.checkpoint.init_from} (a new run: iteration 0, fresh optimizer)")
     engine = engine_lib.create_engine(cfg, model)
-    state = checkpoint.load(engine, resume) if resume else TrainState()
+    if relayout:
+        state = resume_universal(engine, cfg, resume, say, warn)
+    else:
+        state = checkpoint.load(engine, resume) if resume else TrainState()
     if resume:
         say(f"resumed from {resume} at iteration {state.iteration}"
             + (" (checkpoint.init_from is not read when resuming)" if cfg.checkpoint.init_from else ""))
@@ -130,18 +164,30 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     start = last = time.time()
     first_iter = last_iter = state.iteration
     end = min(t.max_iters, t.stop_at) if t.stop_at else t.max_iters
+    skipped_in_a_row = skipped_total = 0
     while state.iteration < end:
         width = sample_width(grid, state.iteration, t.seed) if cfg.mose.enabled else None
         lr = engine.get_lr()[0]
         sums = {"loss_full": 0.0, "loss_width": 0.0}
+        skipping = False
         for micro in range(ga):
             x, y = micro_batch(train_split, t.seed, state.data_position, micro, rank, world, mb)
-            result = train_micro_batch(engine, cfg, x.to(engine.device), y.to(engine.device), width)
+            result, skipping = train_micro_batch(engine, cfg, x.to(engine.device), y.to(engine.device),
+                                                 width, skipping)
             for name, (loss, _) in result.items():
                 sums[f"loss_{name}"] += loss / ga
         state.iteration += 1
         state.data_position += global_batch
-        history.append({"iteration": state.iteration, "width": width, **sums})
+        history.append({"iteration": state.iteration, "width": width, "skipped": skipping, **sums})
+        skipped_in_a_row = skipped_in_a_row + 1 if skipping else 0
+        skipped_total += skipping
+        if skipping:
+            monitor.scalars({"train/skipped_iterations": skipped_total}, state.iteration)
+            warn(f"warning: iteration {state.iteration}: non-finite loss, update skipped "
+                 f"({skipped_in_a_row} in a row, {skipped_total} in this job)")
+            if skipped_in_a_row >= t.max_nonfinite_in_a_row:
+                monitor.close()
+                raise TrainingHalted(halt_message(engine, cfg, state, skipped_in_a_row))
 
         if state.iteration % t.log_interval == 0 or state.iteration == end:
             now = time.time()
@@ -183,6 +229,39 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     if rank == 0 and not quiet:
         print_summary(cfg, val, monitor.path, val_start)
     return summary
+
+
+def resume_universal(engine, cfg: RunConfig, folder: str, say, warn) -> TrainState:
+    """Continue from a layout-free checkpoint (tools/convert_checkpoint.py) in this job's
+    layout, and save it at once as this layout's own checkpoint."""
+    state, carried = universal.load(engine, folder, engine_lib.expert_rank(engine.module))
+    if not carried:
+        warn(f"WARNING: {folder} carries no optimizer state (its run did not use ZeRO): Adam moments "
+             "restart from zero at this iteration; expect a few hundred iterations of re-warming")
+    # Per-rank random streams cannot be mapped onto another world size: reseed them.
+    torch.manual_seed(cfg.train.seed + dist.get_rank() + 1_000_003 * state.iteration)
+    folder = checkpoint.save(engine, cfg, state)
+    say(f"re-laid out {os.path.basename(folder)} for {dist.get_world_size()} rank(s), "
+        f"EP={cfg.moe.expert_parallel_size}: {folder}")
+    return state
+
+
+def halt_message(engine, cfg: RunConfig, state: TrainState, in_a_row: int) -> str:
+    """Save the last good state when the weights are still finite (skipped iterations leave
+    them untouched) and say where it is; collective."""
+    first = state.iteration - in_a_row + 1
+    why = (f"training stopped at iteration {state.iteration}: the loss was not finite in {in_a_row} iterations "
+           f"in a row ({first}..{state.iteration}, train.max_nonfinite_in_a_row={cfg.train.max_nonfinite_in_a_row})")
+    bad = torch.zeros(1, device=engine.device)
+    for param in engine.module.parameters():
+        bad += (~torch.isfinite(param.detach())).any().float()
+    dist.all_reduce(bad)
+    if bad.item() == 0:
+        folder = checkpoint.save(engine, cfg, state)
+        return (f"{why}; the weights are those after iteration {first - 1} and were saved to {folder} "
+                f"(resuming continues with iteration {state.iteration + 1}, past these batches)")
+    good = checkpoint.newest_good(cfg.checkpoint_dir, report=lambda *a: None)
+    return f"{why}; the weights are not finite; last good checkpoint: {good or 'none yet'}"
 
 
 def print_summary(cfg: RunConfig, val: dict[float, float], tb_path: str,
@@ -234,6 +313,12 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2   # no barrier: another rank may be inside a collective
+    except TrainingHalted as e:   # every rank agreed to stop: leave the process group cleanly
+        if dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        dist.barrier()
+        dist.destroy_process_group()
+        return 3
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -59,8 +59,10 @@ def test_capacity_defaults_follow_k():
 
 def test_dotted_overrides_are_parsed_as_yaml(tmp_path):
     cfg = load_config(write(tmp_path, tiny_raw()), ["train.max_iters=77", "mose.eval_widths=[0.5, 1.0]",
-                                                     "engine.precision=bf16"])
+                                                     "engine.precision=bf16", "engine.zero_stage=1"])
     assert cfg.train.max_iters == 77 and cfg.mose.eval_widths == [0.5, 1.0] and cfg.engine.precision == "bf16"
+    with pytest.raises(ConfigError, match="engine.zero_stage=0 with engine.precision=bf16"):
+        load_config(write(tmp_path, tiny_raw()), ["engine.precision=bf16"])
 
 
 def test_override_with_unknown_section_is_refused():

@@ -157,5 +157,5 @@ def test_cli_bad_inputs_give_one_line_errors_and_touch_nothing(tmp_path, corpus)
     model_states = next(out.rglob("mp_rank_00_model_states.pt"))
     model_states.write_bytes(b"not a checkpoint")
     snapshot[model_states] = os.path.getmtime(model_states)
-    assert_one_line_error(cli(tmp_path, raw, "train.max_iters=2"), "could not be loaded")
+    assert_one_line_error(cli(tmp_path, raw, "train.max_iters=2"), "no complete checkpoint", "failed verification")
     assert {p: os.path.getmtime(p) for p in out.rglob("*")} == snapshot
