@@ -18,6 +18,7 @@ optimizer, under any expert-parallel layout. Resuming continues a run; init_from
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -243,6 +244,24 @@ def check_layout(folder: str, world_size: int, expert_parallel_size: int) -> Non
             f"checkpoint {folder} was written by {saved['world_size']} rank(s) with expert-parallel size "
             f"{saved['expert_parallel_size']}; this job has {world_size} with {expert_parallel_size}. Convert it: "
             f"python tools/convert_checkpoint.py --ckpt {folder} --out <dir>, then resume from <dir>")
+
+
+def torch_load(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:   # truncated or foreign files raise many types
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def read_model_states(folder: str) -> tuple[dict, dict]:
+    """(DeepSpeed's model-states dict, every weight by name) of a tag folder: non-expert
+    weights from mp_rank_00_model_states.pt, experts (already under global names) from
+    the layer_*_expert_* files."""
+    states = torch_load(os.path.join(folder, "mp_rank_00_model_states.pt"))
+    weights = dict(states["module"])
+    for path in sorted(glob.glob(os.path.join(folder, "layer_*_expert_*_mp_rank_00_model_states.pt"))):
+        weights.update(torch_load(path))
+    return states, weights
 
 
 def checkpoint_config(folder: str) -> RunConfig:

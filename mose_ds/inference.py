@@ -14,7 +14,6 @@ Shape legend: B batch, S sequence, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_config, newest_good, tags
+from .checkpoint import CheckpointError, checkpoint_config, newest_good, read_model_states, tags
 from .config import RunConfig
 from .data import TokenSplit, val_batch_count, val_batches
 from .flops import FlopsMeter
@@ -67,13 +66,6 @@ def resolve_checkpoint(path: str) -> str:
                           "no iter_* folders in it or in its checkpoints/)")
 
 
-def _torch_load(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:   # truncated or foreign files raise many types
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-
-
 def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -102,11 +94,7 @@ def load_model(path: str, top_k: int | None = None, device: str | torch.device =
     for layer in model.moe_layers():
         layer.set_deepspeed_parallelism()
 
-    states = _torch_load(os.path.join(folder, "mp_rank_00_model_states.pt"))
-    weights = dict(states["module"])
-    experts = sorted(glob.glob(os.path.join(folder, "layer_*_expert_*_mp_rank_00_model_states.pt")))
-    for file in experts:
-        weights.update(_torch_load(file))
+    states, weights = read_model_states(folder)
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights and not k.endswith("_extra_state")]
     unexpected = [k for k in weights if k not in expected]

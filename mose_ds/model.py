@@ -40,6 +40,15 @@ _NORMS = re.compile(r"(layernorm|final_norm)\.(weight|bias)$")
 _EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
 
 
+def global_expert_name(name: str, expert_rank: int, local_experts: int) -> str:
+    """A parameter name with its local expert index (on expert-parallel rank `expert_rank`,
+    holding `local_experts` experts) replaced by the global one; other names unchanged."""
+    local = _EXPERT.search(name)
+    if not local:
+        return name
+    return name[:local.start(1)] + str(expert_rank * local_experts + int(local.group(1))) + name[local.end(1):]
+
+
 def transformer_config(model: ModelConfig, bf16: bool = False) -> TransformerConfig:
     """megatron's TransformerConfig for our blocks; every fusion off so CPU and GPU agree."""
     swiglu = model.activation == "swiglu"
@@ -156,11 +165,9 @@ class MoSEGPT(nn.Module):
         """(name, parameter) pairs with experts named by their global index
         (`expert_rank * local experts + local index`): the same names under any layout."""
         for name, param in self.named_parameters():
-            local = _EXPERT.search(name)
-            if local:
+            if _EXPERT.search(name):
                 moe = self.get_submodule(name.split(".deepspeed_moe.")[0])
-                global_id = expert_rank * moe.num_local_experts + int(local.group(1))
-                name = name[:local.start(1)] + str(global_id) + name[local.end(1):]
+                name = global_expert_name(name, expert_rank, moe.num_local_experts)
             yield name, param
 
     @torch.no_grad()

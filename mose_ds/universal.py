@@ -15,39 +15,23 @@ reset, and both the converter and the resuming job say so.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 
 import torch
 import yaml
 
-from .checkpoint import MANIFEST, CheckpointError, TrainState
+from .checkpoint import MANIFEST, CheckpointError, TrainState, read_model_states, torch_load
+from .model import global_expert_name
 from .shards import read_header, read_tensor, staged_folder, write_file
 
 FORMAT = "mose-ds-universal/1"
 INFO = "universal.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-_LOCAL_EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
 
 
 def is_universal(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, INFO))
-
-
-def _load(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:   # truncated or foreign files raise many types
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-
-
-def _global_name(name: str, ep_rank: int, local_experts: int) -> str:
-    local = _LOCAL_EXPERT.search(name)
-    if not local:
-        return name
-    return name[:local.start(1)] + str(ep_rank * local_experts + int(local.group(1))) + name[local.end(1):]
 
 
 def read_deepspeed(folder: str) -> tuple[dict, dict | None, dict]:
@@ -65,10 +49,8 @@ def read_deepspeed(folder: str) -> tuple[dict, dict | None, dict]:
     ep_ranks = manifest.get("expert_ranks") or [r % ep for r in range(world)]
     local_experts = config["moe"]["num_experts"] // ep
 
-    states = _load(os.path.join(folder, "mp_rank_00_model_states.pt"))
-    weights = {n: t.float() for n, t in states["module"].items() if not n.endswith("_extra_state")}
-    for path in sorted(glob.glob(os.path.join(folder, "layer_*_expert_*_mp_rank_00_model_states.pt"))):
-        weights.update({n: t.float() for n, t in _load(path).items()})   # experts under global names
+    states, weights = read_model_states(folder)
+    weights = {n: t.float() for n, t in weights.items() if not n.endswith("_extra_state")}
     meta = {k: states.get(k) for k in ("iteration", "data_position", "global_steps", "global_samples",
                                        "skipped_steps", "lr_scheduler")}
     meta.update(world_size=world, expert_parallel_size=ep, config=config)
@@ -84,7 +66,7 @@ def read_deepspeed(folder: str) -> tuple[dict, dict | None, dict]:
     pieces: dict[str, list] = {}       # name -> [(partition index, master, exp_avg, exp_avg_sq)]
     step = None
     for rank, path in enumerate(shards):
-        opt = _load(path)["optimizer_state_dict"]
+        opt = torch_load(path)["optimizer_state_dict"]
         groups = opt["base_optimizer_state"]["param_groups"]
         for g, mapping in enumerate(opt["param_slice_mappings"]):
             master, state = opt["single_partition_of_fp32_groups"][g], opt["base_optimizer_state"]["state"][g]
@@ -96,7 +78,7 @@ def read_deepspeed(folder: str) -> tuple[dict, dict | None, dict]:
                     if expert_group else rank)
             for name, frag in mapping.items():
                 sl = slice(frag.start, frag.start + frag.numel)
-                key = _global_name(name, ep_ranks[rank], local_experts) if expert_group else name
+                key = global_expert_name(name, ep_ranks[rank], local_experts) if expert_group else name
                 pieces.setdefault(key, []).append((part, master[sl], state["exp_avg"][sl], state["exp_avg_sq"][sl]))
     missing = sorted(set(weights) - set(pieces))
     if missing:
