@@ -1,0 +1,283 @@
+"""Per-GPU memory of a training run: model states under DeepSpeed ZeRO with expert
+parallelism, activations of our blocks, gradient-reduction buffers. Pure arithmetic.
+
+Model states follow the optimizer path DeepSpeed 0.19 takes for a config
+(`engine._do_optimizer_sanity_check`) and what each path allocates, per GPU, with
+`local = N + E / EP` parameters held (N non-expert, E routed-expert parameters of the whole
+model) and `shard = (N + E) / W` of them owned by the GPU's optimizer (non-expert state is
+partitioned over the W data-parallel ranks, each expert's over its W / EP expert-data-parallel
+ranks: (E / EP) / (W / EP) = E / W):
+
+| path | weights | gradients (backward / optimizer step) | optimizer | step temporary |
+| --- | --- | --- | --- | --- |
+| ZeRO-0, fp32 (torch AdamW) | 4 local | 4 local / 4 local | 8 local | 4 local |
+| ZeRO-1, no separate accumulation | p local | p local / 4 shard | 12 shard | 4 shard |
+| ZeRO-1, bf16 + fp32 accumulation (BF16 optimizer) | 2 local | 6 local / 6 local | 12 shard | 4 shard |
+| ZeRO-2 | p local | g shard / g shard (+ 4 shard copy unless g = 4 and p = 2) | 12 shard | 4 shard |
+
+p is 2 (bf16) or 4 (fp32) bytes, g the gradient-accumulation bytes; "optimizer" is the fp32
+master copy plus Adam's two moments; the step temporary is the one fp32 tensor per
+parameter that torch's foreach AdamW allocates (the square root of the second moment).
+
+Activations count, term by term, the tensors autograd keeps for backward in our blocks
+(mose_ds/model.py, moe_layer.py, experts.py, deepseek.py; tests/test_memory.py checks the
+count against torch's saved-tensor hooks), times the two width branches that live at once
+(`mose.two_pass: joint`), plus the largest backward working set (the loss gradient over the
+vocabulary, or one block's attention-score gradients).
+
+Shape legend (per token unless said): D model dim, N heads, S sequence, F dense FFN hidden,
+H expert hidden, m = ceil(w * H) executed expert units, K top-k, E experts, V vocabulary,
+a activation bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .gating import expert_capacity
+
+GiB = 2 ** 30
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gib: float
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    non_expert: int      # embeddings, attention, dense FFNs, norms, routers, shared experts
+    expert: int          # routed experts of every MoE layer (all E of them)
+
+    @property
+    def total(self) -> int:
+        return self.non_expert + self.expert
+
+
+def optimizer_path(zero_stage: int, precision: str, grad_accum_dtype: str) -> str:
+    """Which DeepSpeed optimizer wraps ours: 'adamw' (no ZeRO), 'zero1', 'bf16_optimizer'
+    (ZeRO-1 with bf16 weights and fp32 gradient accumulation) or 'zero2'."""
+    if zero_stage == 0:
+        return "adamw"
+    if zero_stage == 1:
+        return "bf16_optimizer" if precision == "bf16" and grad_accum_dtype == "fp32" else "zero1"
+    return "zero2"
+
+
+def model_states(counts: ParamCounts, world: int, ep: int, zero_stage: int, precision: str,
+                 grad_accum_dtype: str = "fp32") -> dict[str, float]:
+    """Bytes per GPU of weights, gradients (in backward and at the optimizer step), optimizer
+    state and the optimizer step's temporary (table in the module docstring)."""
+    p = 2 if precision == "bf16" else FP32
+    g = p if grad_accum_dtype == precision or zero_stage == 0 else FP32
+    local = counts.non_expert + counts.expert / ep
+    shard = counts.total / world
+    path = optimizer_path(zero_stage, precision, grad_accum_dtype)
+    if path == "adamw":
+        grads = (FP32 * local, FP32 * local)
+        optimizer, temp = 2 * FP32 * local, FP32 * local
+    elif path == "zero1":
+        grads = (p * local, FP32 * shard)
+        optimizer, temp = 3 * FP32 * shard, FP32 * shard
+    elif path == "bf16_optimizer":
+        # fp32 accumulators for every local parameter; bf16 .grad kept until the step
+        grads = ((FP32 + 2) * local, (FP32 + 2) * local)
+        optimizer, temp = 3 * FP32 * shard, FP32 * shard
+    else:
+        # the partition's gradient buffer; at the step an fp32 flat copy of it unless the
+        # buffer already is the fp32 accumulator of bf16 weights
+        copy = 0 if (g == FP32 and p == 2) else FP32 * shard
+        grads = (g * shard, g * shard + copy)
+        optimizer, temp = 3 * FP32 * shard, FP32 * shard
+    return {"weights": p * local, "gradients_backward": grads[0], "gradients_step": grads[1],
+            "optimizer": optimizer, "step_temporary": temp}
+
+
+def reduce_buffers(counts: ParamCounts, ep: int, zero_stage: int, precision: str,
+                   reduce_bucket_size: int, overlap_comm: bool) -> float:
+    """Gradient-reduction buckets of ZeRO (two with `overlap_comm`), capped by the local size."""
+    if zero_stage == 0:
+        return 0.0
+    p = 2 if precision == "bf16" else FP32
+    local = counts.non_expert + counts.expert / ep
+    return (2 if overlap_comm else 1) * p * min(reduce_bucket_size, local)
+
+
+# --------------------------------------------------------------------------- activations
+
+@dataclass(frozen=True)
+class ActivationShape:
+    """What the activation count needs to know about a model (from ModelConfig + MoEConfig)."""
+    family: str                # gpt2 | deepseek_v2
+    num_layers: int
+    moe_layers: int
+    hidden: int                # D
+    heads: int                 # N
+    vocab: int                 # V
+    ffn_hidden: int            # F (dense blocks)
+    expert_hidden: int         # H
+    shared_hidden: int         # routed-expert-sized shared FFN units (0: none)
+    swiglu: bool
+    num_experts: int           # E
+    top_k: int                 # K
+    capacity_factor: float
+    min_capacity: int
+    drop_tokens: bool
+    mla: dict                  # DeepSeek multi-latent attention dims (empty for gpt2)
+
+
+def _norm(s: ActivationShape, a: int) -> float:
+    """LayerNorm keeps its input and two statistics; torch's RMSNorm computes in fp32 and
+    keeps the fp32 input, output and one statistic."""
+    D = s.hidden
+    return a * (D + 2) if s.family == "gpt2" else FP32 * (2 * D + 1)
+
+
+def _attention(s: ActivationShape, seq: int, a: int, fused: bool) -> float:
+    """Self-attention without its norm. GPT-2 (megatron's local DotProductAttention, never
+    fused): qkv input D, qkv output 3D, fp32 softmax probabilities N*S (and their bf16 copy
+    under bf16), output-projection input D. DeepSeek-V2 multi-latent attention: the two
+    projection inputs, the fp32 latent norm(s) and the kv expansion input R, then
+    scaled_dot_product_attention: unfused (the CPU path) it keeps fp32 q, k (N*(Q+P) each),
+    v (N*V) and probabilities (N*S); fused (GPUs) q, k, v, its output and the fp32 log-sum-exp.
+    Last, the output-projection input N*V."""
+    D, N = s.hidden, s.heads
+    if s.family == "gpt2":
+        return a * 5 * D + (FP32 + (a if a != FP32 else 0)) * N * seq
+    m = s.mla
+    R, P, Q, Vh, Rq = m["kv_lora_rank"], m["qk_rope_head_dim"], m["qk_nope_head_dim"], m["v_head_dim"], m["q_lora_rank"]
+    q_path = FP32 * (2 * Rq + 1) + a * Rq if Rq else 0
+    latent = FP32 * (2 * R + 1) + (FP32 * P if a == FP32 else 0) + a * R
+    qkv = 2 * N * (Q + P) + N * Vh
+    sdpa = a * (qkv + N * Vh) + FP32 * N if fused else FP32 * (qkv + N * seq)
+    return a * 2 * D + q_path + latent + sdpa + a * N * Vh
+
+
+def _ffn_units(units: int, swiglu: bool) -> int:
+    """Per-row tensors an FFN of `units` hidden units keeps: GELU input and output (2m);
+    SwiGLU gate+up output (2m), SiLU output and the product (2m)."""
+    return (4 if swiglu else 2) * units
+
+
+def capacity(s: ActivationShape, tokens: int) -> int:
+    """Slots per expert C for `tokens` routed tokens (all of them when none is dropped)."""
+    if not s.drop_tokens:
+        return tokens
+    return expert_capacity(tokens, s.num_experts, s.top_k, s.capacity_factor, s.min_capacity)
+
+
+def _moe(s: ActivationShape, tokens: int, width: float, a: int, ep: int) -> float:
+    """MoE FFN per token: fp32 router input and routing tensors, then per kept slot its
+    gathered input D, the expert's hidden tensors at m units and the weighted output (2D);
+    the shared experts at full width. With expert parallelism the received capacity buffer
+    `[E * C, D]` is kept too."""
+    D, E, K = s.hidden, s.num_experts, s.top_k
+    m = max(1, math.ceil(width * s.expert_hidden))
+    C = capacity(s, tokens)
+    slots = min(float(K), E * C / tokens)                  # kept (token, expert) slots per token
+    routing = FP32 * (D + 3 * E) + 24 * K + 4
+    per_slot = a * (D + _ffn_units(m, s.swiglu) + 2 * D)
+    received = a * E * C * D / tokens if ep > 1 else 0.0
+    shared = 0.0
+    if s.shared_hidden:   # its input is the router's fp32 copy in fp32, a bf16 tensor of its own in bf16
+        shared = a * _ffn_units(s.shared_hidden, s.swiglu) + (a * D if a != FP32 else 0)
+    return routing + slots * per_slot + received + shared
+
+
+def _dense(s: ActivationShape, a: int) -> float:
+    F = s.ffn_hidden
+    return a * (s.hidden + (5 * F if s.swiglu else 2 * F))
+
+
+def block_bytes(s: ActivationShape, moe: bool, tokens: int, seq: int, width: float, a: int,
+                ep: int, fused: bool) -> float:
+    """Bytes per token one block keeps for backward (one forward, expert width `width`)."""
+    mlp = _moe(s, tokens, width, a, ep) if moe else _dense(s, a)
+    return 2 * _norm(s, a) + _attention(s, seq, a, fused) + mlp
+
+
+def activations(s: ActivationShape, micro_batch: int, seq: int, precision: str, widths: tuple[float, ...],
+                recompute: bool, ep: int = 1, fused_attention: bool = False) -> dict[str, float]:
+    """Bytes per GPU of activations for one micro-batch.
+
+    `widths`: the expert widths whose forwards are alive together (the full-width and the
+    sampled branch under the joint two-pass objective, one under `sequential`; the widest
+    sampled width is the worst case). `recompute`: per-block activation checkpointing keeps
+    each block's input and recomputes one block at a time in backward.
+    """
+    a = 2 if precision == "bf16" else FP32
+    T, D, V = micro_batch * seq, s.hidden, s.vocab
+    dense_layers = s.num_layers - s.moe_layers
+    head = _norm(s, a) + a * D + FP32 * V + 8          # final norm, head input, log-softmax; token ids
+    saved = 0.0
+    for w in widths:
+        blocks = [block_bytes(s, True, T, seq, w, a, ep, fused_attention)] * s.moe_layers + \
+                 [block_bytes(s, False, T, seq, w, a, ep, fused_attention)] * dense_layers
+        saved += T * (head + (s.num_layers * a * D if recompute else sum(blocks)))
+    if recompute:   # one block re-run in backward, at the widest width
+        saved += T * max(block_bytes(s, moe, T, seq, max(widths), a, ep, fused_attention)
+                         for moe in (True, False) if (s.moe_layers if moe else dense_layers))
+    scores = 0 if (s.family != "gpt2" and fused_attention) else (FP32 + a) * s.heads * seq
+    transient = T * max(2 * FP32 * V, scores)   # loss gradient over V, or one block's score gradients
+    return {"saved": saved, "transient": transient, "total": saved + transient}
+
+
+# --------------------------------------------------------------------------- the plan
+
+def peak(states: dict[str, float], act: float, buffers: float) -> dict[str, float]:
+    """The two peaks of an iteration (end of forward / start of backward, and the optimizer
+    step) and the larger of them."""
+    persistent = states["weights"] + states["optimizer"] + buffers
+    backward = persistent + states["gradients_backward"] + act
+    step = persistent + states["gradients_step"] + states["step_temporary"]
+    return {"backward_peak": backward, "step_peak": step, "peak": max(backward, step)}
+
+
+def plan(cfg, counts: ParamCounts, cluster: Cluster, grad_accum_dtype: str = "fp32",
+         reserve: float = 0.1, fused_attention: bool = True) -> dict:
+    """Bytes per GPU of a run config (RunConfig) on a cluster, by part, and whether it fits.
+
+    `reserve`: the fraction of GPU memory kept for what is not planned (CUDA context, NCCL
+    buffers, allocator fragmentation). `fused_attention`: scaled_dot_product_attention runs
+    a fused kernel (GPUs) rather than the unfused math (CPU)."""
+    world, ep = cluster.world, cfg.moe.expert_parallel_size
+    if world % ep:
+        raise ValueError(f"expert_parallel_size={ep} does not divide {world} GPUs")
+    e = cfg.engine
+    states = model_states(counts, world, ep, e.zero_stage, e.precision, grad_accum_dtype)
+    widths = (1.0, cfg.mose.width_max) if cfg.mose.enabled and cfg.mose.two_pass == "joint" else (1.0,)
+    act = activations(activation_shape(cfg.model, cfg.moe), cfg.train.micro_batch_size, cfg.model.seq_len,
+                      e.precision, widths, cfg.train.activation_checkpointing, ep, fused_attention)
+    buffers = reduce_buffers(counts, ep, e.zero_stage, e.precision, e.reduce_bucket_size, e.overlap_comm)
+    peaks = peak(states, act["total"], buffers)
+    usable = cluster.gpu_memory_gib * GiB * (1 - reserve)
+    return {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "world": world,
+            "expert_parallel": ep, "zero_stage": e.zero_stage, "precision": e.precision,
+            "optimizer_path": optimizer_path(e.zero_stage, e.precision, grad_accum_dtype),
+            "micro_batch": cfg.train.micro_batch_size, "seq_len": cfg.model.seq_len,
+            "activation_checkpointing": cfg.train.activation_checkpointing, "widths_alive": list(widths),
+            **states, "activations_saved": act["saved"], "activations_transient": act["transient"],
+            "activations": act["total"], "buffers": buffers, **peaks,
+            "gpu_memory": cluster.gpu_memory_gib * GiB, "usable": usable, "fits": peaks["peak"] <= usable}
+
+
+def activation_shape(model, moe) -> ActivationShape:
+    """The ActivationShape of a recipe's ModelConfig and MoEConfig."""
+    hf = model.hf or {}
+    mla = {k: hf.get(k) or 0 for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                                        "v_head_dim", "q_lora_rank")} if model.family != "gpt2" else {}
+    return ActivationShape(
+        family=model.family, num_layers=model.num_layers, moe_layers=model.num_moe_layers,
+        hidden=model.hidden_size, heads=model.num_heads, vocab=model.vocab_size,
+        ffn_hidden=model.ffn_hidden_size, expert_hidden=model.expert_hidden_size,
+        shared_hidden=model.shared_expert_hidden_size, swiglu=model.activation == "swiglu",
+        num_experts=moe.num_experts, top_k=moe.top_k, capacity_factor=moe.capacity_factor,
+        min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens, mla=mla)
