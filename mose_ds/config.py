@@ -111,9 +111,10 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     expert_parallel_size: int = 1
     shared_slimmable: bool = False     # DeepSeek shared experts follow the routed widths
+    width_quantum: int = 1             # executed hidden units rounded up to a multiple of this
 
     def __post_init__(self):
-        _positive(self, "num_experts", "top_k", "expert_parallel_size")
+        _positive(self, "num_experts", "top_k", "expert_parallel_size", "width_quantum")
         if self.top_k > self.num_experts:
             raise ConfigError(f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}")
         if self.num_experts % self.expert_parallel_size:

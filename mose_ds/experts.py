@@ -8,11 +8,36 @@ hidden-major ([H, D]) so every slice is a contiguous block of rows.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .widths import hidden_units
+
+MAX_RANGES = 16   # hidden-unit ranges (product pairs) per expert call when widths are many
+
+
+def range_ends(m_N: torch.Tensor, hidden: int) -> list[int]:
+    """Ends of the hidden-unit ranges `forward_slots` computes: every distinct positive size
+    when there are at most MAX_RANGES, else multiples of ceil(hidden / MAX_RANGES) and the
+    largest size."""
+    sizes = torch.unique(m_N[m_N > 0]).tolist()
+    if len(sizes) <= MAX_RANGES:
+        return sizes
+    step = math.ceil(hidden / MAX_RANGES)
+    return list(range(step, sizes[-1], step)) + [sizes[-1]]
+
+
+def executed_units(m_N: torch.Tensor, hidden: int) -> torch.Tensor:
+    """Hidden units `forward_slots` computes for rows of sizes m_N: each row's size rounded up
+    to the end of its range (the size itself when ranges end at every distinct size)."""
+    m = m_N[m_N > 0]
+    if m.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=m_N.device)
+    ends = torch.tensor(range_ends(m, hidden), device=m.device)
+    return ends[torch.searchsorted(ends, m)].sum().float()
 
 
 class SlimmableFFN(nn.Module):
@@ -28,42 +53,52 @@ class SlimmableFFN(nn.Module):
         self.w_up = nn.Parameter(torch.empty(shape))
         self.w_down = nn.Parameter(torch.empty(shape))
 
+    def _hidden(self, x_ND: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Hidden units lo..hi-1 of every row after the activation (SwiGLU: gated)."""
+        if self.activation == "swiglu":
+            return F.silu(F.linear(x_ND, self.w_gate[lo:hi])) * F.linear(x_ND, self.w_up[lo:hi])
+        return F.gelu(F.linear(x_ND, self.w_up[lo:hi]))                 # [N, hi - lo]
+
     def forward(self, x_ND: torch.Tensor, m: int) -> torch.Tensor:
         """All N rows at one hidden size m (1 <= m <= H)."""
-        if self.activation == "swiglu":
-            h_NM = F.silu(F.linear(x_ND, self.w_gate[:m])) * F.linear(x_ND, self.w_up[:m])
-        else:
-            h_NM = F.gelu(F.linear(x_ND, self.w_up[:m]))
-        return h_NM @ self.w_down[:m]                                   # [N, D]
+        return self._hidden(x_ND, 0, m) @ self.w_down[:m]               # [N, D]
 
     def forward_slots(self, x_ND: torch.Tensor, m_N: torch.Tensor) -> torch.Tensor:
         """Each row at its own hidden size; rows with m = 0 are empty slots and stay zero.
 
-        Rows are grouped by hidden size and each group runs as one sliced FFN, so the
-        work is proportional to the sum of executed widths.
+        Rows are sorted widest first and the hidden units cut into ranges [lo, hi); range j
+        runs one up and one down product on the rows wider than lo (a prefix of the sorted
+        rows), with the units a row does not have zeroed. Ranges end at each distinct size
+        when there are at most MAX_RANGES of them (nothing to zero), else every
+        ceil(H / MAX_RANGES) units, so the work is the sum of the rows' sizes, each rounded
+        up to a range end: proportional to the executed widths, in a bounded number of
+        products whatever the number of distinct widths.
         """
         N = x_ND.shape[0]
-        sizes = torch.unique(m_N[m_N > 0]).tolist()
-        if sizes and len(sizes) == 1 and int(m_N.min()) > 0:
-            return self(x_ND, sizes[0])                                 # every row, one width
-        out_ND = None
-        for m in sizes:
-            rows = (m_N == m).nonzero().squeeze(1)
-            n = rows.numel()
-            if out_ND is None and int(rows[-1]) == n - 1:
-                # The common case (one width, slots filled from position 0): a contiguous
-                # prefix, so slice and pad instead of gathering and scattering.
-                out_ND = F.pad(self(x_ND[:n], m), (0, 0, 0, N - n))
-                continue
-            if out_ND is None:
-                out_ND = torch.zeros_like(x_ND)
-            out_ND = out_ND.index_copy(0, rows, self(x_ND.index_select(0, rows), m))
-        if out_ND is None:
+        m_max = int(m_N.max()) if N else 0
+        if m_max == 0:
             # No slot for this expert: still return an output that depends on its weights
             # (with zero gradient), so every rank reduces the same gradients and enters the
             # same backward all-to-alls whatever the routing did.
-            out_ND = F.pad(self(x_ND[:0], 1), (0, 0, 0, N))
-        return out_ND
+            return F.pad(self(x_ND[:0], 1), (0, 0, 0, N))
+        if int(m_N.min()) == m_max:
+            return self(x_ND, m_max)                                    # every row, one width
+        m_sorted, order_N = torch.sort(m_N, descending=True, stable=True)
+        x_sorted = x_ND.index_select(0, order_N)
+        ends = range_ends(m_sorted, self.ffn_hidden_size)
+        ends_J = torch.tensor(ends, device=m_N.device)
+        starts = [0] + ends[:-1]
+        # rows reaching into each range, and rows covering it entirely (one host sync)
+        counts = torch.stack([(m_sorted > torch.tensor(starts, device=m_N.device)[:, None]).sum(1),
+                              (m_sorted >= ends_J[:, None]).sum(1)]).tolist()
+        out_ND = torch.zeros_like(x_ND)
+        for lo, hi, n, full in zip(starts, ends, *counts):
+            h_nU = self._hidden(x_sorted[:n], lo, hi)
+            if full < n:   # rows narrower than hi: zero their units from their own size on
+                units_U = torch.arange(lo, hi, device=m_N.device)
+                h_nU = h_nU * (units_U < m_sorted[:n, None]).to(h_nU.dtype)
+            out_ND[:n] += h_nU @ self.w_down[lo:hi]
+        return torch.zeros_like(out_ND).index_copy(0, order_N, out_ND)
 
     def forward_relaxed(self, x_ND: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
         """The differentiable relaxation of `forward_slots` used to calibrate gamma.
@@ -81,8 +116,4 @@ class SlimmableFFN(nn.Module):
         M = int(hidden_units(w_N.detach().max(), H))
         units_M = torch.arange(M, device=x_ND.device, dtype=torch.float32)
         mask_NM = (w_N.float().unsqueeze(1) * H - units_M).clamp(0, 1).to(x_ND.dtype)
-        if self.activation == "swiglu":
-            h_NM = F.silu(F.linear(x_ND, self.w_gate[:M])) * F.linear(x_ND, self.w_up[:M])
-        else:
-            h_NM = F.gelu(F.linear(x_ND, self.w_up[:M]))
-        return (h_NM * mask_NM) @ self.w_down[:M]                       # [N, D]
+        return (self._hidden(x_ND, 0, M) * mask_NM) @ self.w_down[:M]   # [N, D]

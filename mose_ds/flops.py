@@ -75,10 +75,10 @@ def attention_shape(model: ModelConfig) -> tuple[int, int]:
 def full_width_units(model: ModelConfig, moe: MoEConfig, width: float = 1.0) -> list[float]:
     """Units per token of every MoE layer when all k slots run at `width` and none is dropped,
     plus the shared experts (at `width` too when they are slimmable)."""
-    m = int(hidden_units(torch.tensor(width), model.expert_hidden_size))
+    m = int(hidden_units(torch.tensor(width), model.expert_hidden_size, moe.width_quantum))
     shared = model.shared_expert_hidden_size
     if shared and moe.shared_slimmable:
-        shared = int(hidden_units(torch.tensor(width), shared))
+        shared = int(hidden_units(torch.tensor(width), shared, moe.width_quantum))
     return [float(moe.top_k * m + shared)] * model.num_moe_layers
 
 

@@ -31,7 +31,7 @@ from deepspeed.moe.sharded_moe import _AllToAll
 from torch import nn
 
 from .config import MoEConfig
-from .experts import SlimmableFFN
+from .experts import SlimmableFFN, executed_units
 from .gating import (RouterSpec, RoutingStats, assign_slots, expert_capacity, load_balance_loss,
                      router_z_loss, routing_stats, sequence_balance_loss, top_k_routing)
 from .widths import WidthPolicy, hidden_units
@@ -64,7 +64,7 @@ class RoutingInfo:
     aux_loss: torch.Tensor
     stats: RoutingStats
     mean_width: torch.Tensor      # mean width over all routed slots (kept or dropped)
-    units: torch.Tensor           # hidden units executed, summed over kept slots (FLOPs accounting)
+    units: torch.Tensor           # hidden units this rank executed (FLOPs accounting; experts.executed_units)
     tokens: int                   # T, the tokens this forward routed
 
 
@@ -119,7 +119,7 @@ class SlimmableMoE(MoE):
         C = expert_capacity(T, E, K, factor, self.moe.min_capacity) if self.moe.drop_tokens else T
         pos_TK, keep_TK = assign_slots(idx_TK, E, C)
         w_TK = width_policy(p_TK, self.layer_index)
-        m_TK = hidden_units(w_TK, self.ffn_hidden_size)
+        m_TK = hidden_units(w_TK, self.ffn_hidden_size, self.moe.width_quantum)
 
         # 3. Kept slots in expert-major order (positions keep priority order inside an expert).
         kept_N = keep_TK.reshape(-1).nonzero().squeeze(1)
@@ -134,17 +134,20 @@ class SlimmableMoE(MoE):
         relaxed = getattr(width_policy, "relaxed", False)
         if self.ep_size == 1:
             counts = torch.bincount(idx_TK.reshape(-1)[slot_S], minlength=E).tolist()
-            if relaxed:
+            if relaxed:   # the relaxation executes w * H units in expectation, not ceil(w * H)
                 w_S = w_TK.reshape(-1)[slot_S]
                 y_SD = torch.cat([expert.forward_relaxed(x, w) for expert, x, w in
                                   zip(self.local_experts, x_SD.split(counts), w_S.split(counts))])
+                units = (w_S.detach().float() * self.ffn_hidden_size).sum()
             else:
+                m_E = m_S.split(counts)
                 y_SD = torch.cat([expert.forward_slots(x, m) for expert, x, m in
-                                  zip(self.local_experts, x_SD.split(counts), m_S.split(counts))])
+                                  zip(self.local_experts, x_SD.split(counts), m_E)])
+                units = sum(executed_units(m, self.ffn_hidden_size) for m in m_E)
         elif relaxed:
             raise RuntimeError("relaxed width policies (gamma calibration) run with expert_parallel_size=1")
         else:
-            y_SD = self._run_expert_parallel(x_SD, m_S, dest_S, C)
+            y_SD, units = self._run_expert_parallel(x_SD, m_S, dest_S, C)
 
         # 5. Combine: out_t = sum over the token's kept slots of p * expert output.
         y_SD = y_SD * p_S.to(y_SD.dtype).unsqueeze(1)
@@ -152,10 +155,6 @@ class SlimmableMoE(MoE):
 
         stats = routing_stats(idx_TK.detach(), keep_TK, E, lb, z)
         mean_width = (m_TK.float() / self.ffn_hidden_size).mean()
-        if relaxed:   # the relaxation executes w * H units in expectation, not ceil(w * H)
-            units = (w_S.detach().float() * self.ffn_hidden_size).sum()
-        else:
-            units = m_S.sum().float()
         if self.shared_ffn is not None:
             shared_TD, shared_units = self._run_shared(x_TD, w_TK)
             out_TD = out_TD + shared_TD
@@ -169,13 +168,14 @@ class SlimmableMoE(MoE):
         if not self.moe.shared_slimmable:
             units = x_TD.new_tensor(float(T * shared.ffn_hidden_size), dtype=torch.float32)
             return shared(x_TD, shared.ffn_hidden_size), units
-        m_T = hidden_units(w_TK.detach().mean(dim=-1), shared.ffn_hidden_size)
-        return shared.forward_slots(x_TD, m_T), m_T.sum().float()
+        m_T = hidden_units(w_TK.detach().mean(dim=-1), shared.ffn_hidden_size, self.moe.width_quantum)
+        return shared.forward_slots(x_TD, m_T), executed_units(m_T, shared.ffn_hidden_size)
 
     def _run_expert_parallel(self, x_SD: torch.Tensor, m_S: torch.Tensor, dest_S: torch.Tensor,
                              C: int) -> torch.Tensor:
         """Pack slots into `[E * C]` capacity blocks, all-to-all them (with their hidden sizes)
         to the ranks owning their experts, run them, and bring results back in slot order.
+        Also returns the hidden units this rank executed (for whichever rank's tokens).
 
         Rows are expert-major, so rank r's experts form the r-th contiguous chunk, which is
         what DeepSpeed's all-to-all splits on.
@@ -197,4 +197,5 @@ class SlimmableMoE(MoE):
             expert.forward_slots(x_L[j].reshape(R * C, D), m_L[j].reshape(R * C)).view(R, C, D)
             for j, expert in enumerate(self.local_experts)], dim=1)
         y_XD = _AllToAll.apply(group, y_RLCD.reshape(R * L * C, D))
-        return y_XD.index_select(0, dest_S)
+        units = sum(executed_units(m.reshape(-1), self.ffn_hidden_size) for m in m_L)
+        return y_XD.index_select(0, dest_S), units

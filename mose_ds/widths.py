@@ -46,9 +46,15 @@ def uniform_policy(width: float) -> WidthPolicy:
 FULL_WIDTH = uniform_policy(1.0)
 
 
-def hidden_units(w: torch.Tensor, hidden: int) -> torch.Tensor:
-    """m(w) = ceil(w * H), clamped to [1, H]; the epsilon absorbs float noise in w * H."""
-    return torch.ceil(w.float() * hidden - 1e-4).clamp_(1, hidden).long()
+def hidden_units(w: torch.Tensor, hidden: int, quantum: int = 1) -> torch.Tensor:
+    """m(w) = ceil(w * H), clamped to [1, H]; the epsilon absorbs float noise in w * H.
+
+    `quantum` > 1 rounds m up to a multiple of it (at most H): matrix shapes that suit
+    tensor cores, paid for in FLOPs (the executed units are what is counted)."""
+    m = torch.ceil(w.float() * hidden - 1e-4).clamp_(1, hidden).long()
+    if quantum > 1:
+        m = (torch.div(m + quantum - 1, quantum, rounding_mode="floor") * quantum).clamp_(max=hidden)
+    return m
 
 
 def sample_width(grid: Sequence[float], step: int, seed: int) -> float:

@@ -57,3 +57,48 @@ def test_slicing_does_less_work_than_full_width():
             ffn(x, m)
         counts.append(counter.get_total_flops())
     assert counts[0] * 4 == counts[1]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_forward_slots_with_many_widths_equals_a_per_row_loop_forward_and_backward(activation):
+    """More distinct widths than MAX_RANGES: ranges of H / MAX_RANGES units with the units past
+    a row's own size zeroed; output and every gradient as a per-row loop computes them."""
+    from mose_ds.experts import MAX_RANGES
+    ffn = make(activation, D=16, H=96)
+    gen = torch.Generator().manual_seed(1)
+    m = torch.randint(0, 97, (60,), generator=gen)
+    assert len(torch.unique(m[m > 0])) > MAX_RANGES
+    x = torch.randn(60, 16, generator=gen, requires_grad=True)
+    g = torch.randn(60, 16, generator=gen)
+    out = ffn.forward_slots(x, m)
+    grads = torch.autograd.grad(out, [x, *ffn.parameters()], g)
+    ref = torch.stack([torch.zeros(16) if m[i] == 0 else ffn(x[i:i + 1], int(m[i]))[0] for i in range(60)])
+    ref_grads = torch.autograd.grad(ref, [x, *ffn.parameters()], g)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_slots_work_follows_the_executed_widths():
+    """FLOPs of the ranged execution: at least those of each row at its own size, at most
+    those of each row rounded up to its range end (H / MAX_RANGES units), and exactly what
+    `executed_units` reports to the FLOPs accounting."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from mose_ds.experts import MAX_RANGES, executed_units
+    D, H = 16, 128
+    ffn, gen = make("gelu", D=D, H=H), torch.Generator().manual_seed(2)
+    m = torch.randint(1, H + 1, (200,), generator=gen)
+    with FlopCounterMode(display=False) as counter:
+        ffn.forward_slots(torch.randn(200, D, generator=gen), m)
+    step = H // MAX_RANGES
+    exact = 2 * 2 * D * int(m.sum())
+    rounded = 2 * 2 * D * int(((m + step - 1) // step * step).sum())
+    assert exact <= counter.get_total_flops() <= rounded
+    assert counter.get_total_flops() == 2 * 2 * D * int(executed_units(m, H))
+    assert counter.get_total_flops() < 0.6 * 2 * 2 * D * H * 200     # widths average ~0.5
+
+
+def test_width_quantum_rounds_hidden_units_up():
+    w = torch.tensor([0.01, 0.25, 0.3, 0.99, 1.0])
+    assert hidden_units(w, 1000, quantum=64).tolist() == [64, 256, 320, 1000, 1000]
+    assert hidden_units(w, 1000, quantum=1).tolist() == hidden_units(w, 1000).tolist()

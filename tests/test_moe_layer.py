@@ -58,8 +58,8 @@ def test_gradients_match_reference_loop(world):
     got = {n: p.grad.clone() for n, p in layer.named_parameters()}
     layer.zero_grad()
     reference_moe(layer, x.view(-1, 32), router_prob_policy).square().sum().backward()
-    for name, p in layer.named_parameters():
-        torch.testing.assert_close(got[name], p.grad, msg=name)
+    for name, p in layer.named_parameters():   # equal up to fp32 summation order (ranges of units)
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-6 * float(p.grad.abs().max()), msg=name)
 
 
 def test_overflowing_choices_are_dropped_and_keep_only_the_residual(world):
