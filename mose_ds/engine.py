@@ -31,6 +31,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment without its process-group variables (`init_distributed`
+    sets them for a one-rank world), for a child process that forms its own world."""
+    return {k: v for k, v in os.environ.items() if k not in WORLD_VARIABLES}
+
+
 def init_distributed(seed: int = 1234, timeout_s: int = 600) -> None:
     """Join the launcher's process group, or make a one-rank world when run without one.
 

@@ -30,16 +30,6 @@ def range_ends(m_N: torch.Tensor, hidden: int) -> list[int]:
     return list(range(step, sizes[-1], step)) + [sizes[-1]]
 
 
-def executed_units(m_N: torch.Tensor, hidden: int) -> torch.Tensor:
-    """Hidden units `forward_slots` computes for rows of sizes m_N: each row's size rounded up
-    to the end of its range (the size itself when ranges end at every distinct size)."""
-    m = m_N[m_N > 0]
-    if m.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=m_N.device)
-    ends = torch.tensor(range_ends(m, hidden), device=m.device)
-    return ends[torch.searchsorted(ends, m)].sum().float()
-
-
 class SlimmableFFN(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu"):
         super().__init__()
@@ -63,8 +53,9 @@ class SlimmableFFN(nn.Module):
         """All N rows at one hidden size m (1 <= m <= H)."""
         return self._hidden(x_ND, 0, m) @ self.w_down[:m]               # [N, D]
 
-    def forward_slots(self, x_ND: torch.Tensor, m_N: torch.Tensor) -> torch.Tensor:
+    def forward_slots(self, x_ND: torch.Tensor, m_N: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Each row at its own hidden size; rows with m = 0 are empty slots and stay zero.
+        Returns the output and the hidden units computed (summed over rows: FLOPs accounting).
 
         Rows are sorted widest first and the hidden units cut into ranges [lo, hi); range j
         runs one up and one down product on the rows wider than lo (a prefix of the sorted
@@ -80,9 +71,9 @@ class SlimmableFFN(nn.Module):
             # No slot for this expert: still return an output that depends on its weights
             # (with zero gradient), so every rank reduces the same gradients and enters the
             # same backward all-to-alls whatever the routing did.
-            return F.pad(self(x_ND[:0], 1), (0, 0, 0, N))
+            return F.pad(self(x_ND[:0], 1), (0, 0, 0, N)), 0
         if int(m_N.min()) == m_max:
-            return self(x_ND, m_max)                                    # every row, one width
+            return self(x_ND, m_max), N * m_max                         # every row, one width
         m_sorted, order_N = torch.sort(m_N, descending=True, stable=True)
         x_sorted = x_ND.index_select(0, order_N)
         ends = range_ends(m_sorted, self.ffn_hidden_size)
@@ -91,14 +82,15 @@ class SlimmableFFN(nn.Module):
         # rows reaching into each range, and rows covering it entirely (one host sync)
         counts = torch.stack([(m_sorted > torch.tensor(starts, device=m_N.device)[:, None]).sum(1),
                               (m_sorted >= ends_J[:, None]).sum(1)]).tolist()
-        out_ND = torch.zeros_like(x_ND)
+        out_ND, units = torch.zeros_like(x_ND), 0
         for lo, hi, n, full in zip(starts, ends, *counts):
             h_nU = self._hidden(x_sorted[:n], lo, hi)
             if full < n:   # rows narrower than hi: zero their units from their own size on
                 units_U = torch.arange(lo, hi, device=m_N.device)
                 h_nU = h_nU * (units_U < m_sorted[:n, None]).to(h_nU.dtype)
             out_ND[:n] += h_nU @ self.w_down[lo:hi]
-        return torch.zeros_like(out_ND).index_copy(0, order_N, out_ND)
+            units += n * (hi - lo)
+        return torch.zeros_like(out_ND).index_copy(0, order_N, out_ND), units
 
     def forward_relaxed(self, x_ND: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
         """The differentiable relaxation of `forward_slots` used to calibrate gamma.

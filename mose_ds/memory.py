@@ -72,13 +72,23 @@ def optimizer_path(zero_stage: int, precision: str, grad_accum_dtype: str) -> st
     return "zero2"
 
 
+def _bytes(precision: str) -> int:
+    """Bytes of one value in `precision`."""
+    return 2 if precision == "bf16" else FP32
+
+
+def _local(counts: ParamCounts, ep: int) -> float:
+    """Parameters one GPU holds: every non-expert one, its 1/EP of the experts."""
+    return counts.non_expert + counts.expert / ep
+
+
 def model_states(counts: ParamCounts, world: int, ep: int, zero_stage: int, precision: str,
                  grad_accum_dtype: str = "fp32") -> dict[str, float]:
     """Bytes per GPU of weights, gradients (in backward and at the optimizer step), optimizer
     state and the optimizer step's temporary (table in the module docstring)."""
-    p = 2 if precision == "bf16" else FP32
+    p = _bytes(precision)
     g = p if grad_accum_dtype == precision or zero_stage == 0 else FP32
-    local = counts.non_expert + counts.expert / ep
+    local = _local(counts, ep)
     shard = counts.total / world
     path = optimizer_path(zero_stage, precision, grad_accum_dtype)
     if path == "adamw":
@@ -106,9 +116,7 @@ def reduce_buffers(counts: ParamCounts, ep: int, zero_stage: int, precision: str
     """Gradient-reduction buckets of ZeRO (two with `overlap_comm`), capped by the local size."""
     if zero_stage == 0:
         return 0.0
-    p = 2 if precision == "bf16" else FP32
-    local = counts.non_expert + counts.expert / ep
-    return (2 if overlap_comm else 1) * p * min(reduce_bucket_size, local)
+    return (2 if overlap_comm else 1) * _bytes(precision) * min(reduce_bucket_size, _local(counts, ep))
 
 
 # --------------------------------------------------------------------------- activations
@@ -213,7 +221,7 @@ def activations(s: ActivationShape, micro_batch: int, seq: int, precision: str, 
     sampled width is the worst case). `recompute`: per-block activation checkpointing keeps
     each block's input and recomputes one block at a time in backward.
     """
-    a = 2 if precision == "bf16" else FP32
+    a = _bytes(precision)
     T, D, V = micro_batch * seq, s.hidden, s.vocab
     dense_layers = s.num_layers - s.moe_layers
     head = _norm(s, a) + a * D + FP32 * V + 8          # final norm, head input, log-softmax; token ids

@@ -31,7 +31,7 @@ from deepspeed.moe.sharded_moe import _AllToAll
 from torch import nn
 
 from .config import MoEConfig
-from .experts import SlimmableFFN, executed_units
+from .experts import SlimmableFFN
 from .gating import (RouterSpec, RoutingStats, assign_slots, expert_capacity, load_balance_loss,
                      router_z_loss, routing_stats, sequence_balance_loss, top_k_routing)
 from .widths import WidthPolicy, hidden_units
@@ -64,7 +64,7 @@ class RoutingInfo:
     aux_loss: torch.Tensor
     stats: RoutingStats
     mean_width: torch.Tensor      # mean width over all routed slots (kept or dropped)
-    units: torch.Tensor           # hidden units this rank executed (FLOPs accounting; experts.executed_units)
+    units: float                  # hidden units this rank executed (FLOPs accounting)
     tokens: int                   # T, the tokens this forward routed
 
 
@@ -138,12 +138,12 @@ class SlimmableMoE(MoE):
                 w_S = w_TK.reshape(-1)[slot_S]
                 y_SD = torch.cat([expert.forward_relaxed(x, w) for expert, x, w in
                                   zip(self.local_experts, x_SD.split(counts), w_S.split(counts))])
-                units = (w_S.detach().float() * self.ffn_hidden_size).sum()
+                units = float(w_S.detach().float().sum()) * self.ffn_hidden_size
             else:
-                m_E = m_S.split(counts)
-                y_SD = torch.cat([expert.forward_slots(x, m) for expert, x, m in
-                                  zip(self.local_experts, x_SD.split(counts), m_E)])
-                units = sum(executed_units(m, self.ffn_hidden_size) for m in m_E)
+                outs = [expert.forward_slots(x, m) for expert, x, m in
+                        zip(self.local_experts, x_SD.split(counts), m_S.split(counts))]
+                y_SD = torch.cat([y for y, _ in outs])
+                units = float(sum(u for _, u in outs))
         elif relaxed:
             raise RuntimeError("relaxed width policies (gamma calibration) run with expert_parallel_size=1")
         else:
@@ -161,15 +161,15 @@ class SlimmableMoE(MoE):
             units = units + shared_units
         return out_TD.view(S, B, D), RoutingInfo(aux, stats, mean_width, units, T)
 
-    def _run_shared(self, x_TD: torch.Tensor, w_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_shared(self, x_TD: torch.Tensor, w_TK: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The shared experts on every token: at full width, or (moe.shared_slimmable) at the
         mean width of the token's routed experts. Returns the output and the units executed."""
         shared, T = self.shared_ffn, x_TD.shape[0]
         if not self.moe.shared_slimmable:
-            units = x_TD.new_tensor(float(T * shared.ffn_hidden_size), dtype=torch.float32)
-            return shared(x_TD, shared.ffn_hidden_size), units
+            return shared(x_TD, shared.ffn_hidden_size), float(T * shared.ffn_hidden_size)
         m_T = hidden_units(w_TK.detach().mean(dim=-1), shared.ffn_hidden_size, self.moe.width_quantum)
-        return shared.forward_slots(x_TD, m_T), executed_units(m_T, shared.ffn_hidden_size)
+        out_TD, units = shared.forward_slots(x_TD, m_T)
+        return out_TD, float(units)
 
     def _run_expert_parallel(self, x_SD: torch.Tensor, m_S: torch.Tensor, dest_S: torch.Tensor,
                              C: int) -> torch.Tensor:
@@ -193,9 +193,8 @@ class SlimmableMoE(MoE):
         # unbind (not x[:, j]) so that backward stacks once instead of zero-filling per expert
         x_L = x_XD.view(R, L, C, D).unbind(1)                            # L x [R, C, D]
         m_L = m_recv.view(R, L, C).unbind(1)
-        y_RLCD = torch.stack([
-            expert.forward_slots(x_L[j].reshape(R * C, D), m_L[j].reshape(R * C)).view(R, C, D)
-            for j, expert in enumerate(self.local_experts)], dim=1)
+        outs = [expert.forward_slots(x_L[j].reshape(R * C, D), m_L[j].reshape(R * C))
+                for j, expert in enumerate(self.local_experts)]
+        y_RLCD = torch.stack([y.view(R, C, D) for y, _ in outs], dim=1)
         y_XD = _AllToAll.apply(group, y_RLCD.reshape(R * L * C, D))
-        units = sum(executed_units(m.reshape(-1), self.ffn_hidden_size) for m in m_L)
-        return y_XD.index_select(0, dest_S), units
+        return y_XD.index_select(0, dest_S), float(sum(u for _, u in outs))

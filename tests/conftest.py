@@ -31,8 +31,8 @@ TINY = {
 
 def clean_env() -> dict:
     """The environment for a child process, without the one-rank world of this process."""
-    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return {k: v for k, v in os.environ.items() if k not in launcher}
+    from mose_ds.engine import child_env
+    return child_env()
 
 
 def free_port() -> int:

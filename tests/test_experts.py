@@ -42,7 +42,7 @@ def test_forward_slots_runs_each_row_at_its_own_width_and_skips_empty_slots():
     ffn = make("gelu")
     x = torch.randn(6, 16)
     m = torch.tensor([16, 64, 0, 16, 33, 0])
-    out = ffn.forward_slots(x, m)
+    out, _ = ffn.forward_slots(x, m)
     for i in range(6):
         ref = torch.zeros(16) if m[i] == 0 else ffn(x[i:i + 1], int(m[i]))[0]
         torch.testing.assert_close(out[i], ref)
@@ -70,7 +70,7 @@ def test_forward_slots_with_many_widths_equals_a_per_row_loop_forward_and_backwa
     assert len(torch.unique(m[m > 0])) > MAX_RANGES
     x = torch.randn(60, 16, generator=gen, requires_grad=True)
     g = torch.randn(60, 16, generator=gen)
-    out = ffn.forward_slots(x, m)
+    out, _ = ffn.forward_slots(x, m)
     grads = torch.autograd.grad(out, [x, *ffn.parameters()], g)
     ref = torch.stack([torch.zeros(16) if m[i] == 0 else ffn(x[i:i + 1], int(m[i]))[0] for i in range(60)])
     ref_grads = torch.autograd.grad(ref, [x, *ffn.parameters()], g)
@@ -81,20 +81,20 @@ def test_forward_slots_with_many_widths_equals_a_per_row_loop_forward_and_backwa
 
 def test_forward_slots_work_follows_the_executed_widths():
     """FLOPs of the ranged execution: at least those of each row at its own size, at most
-    those of each row rounded up to its range end (H / MAX_RANGES units), and exactly what
-    `executed_units` reports to the FLOPs accounting."""
+    those of each row rounded up to its range end (H / MAX_RANGES units), and exactly the
+    units it reports to the FLOPs accounting."""
     from torch.utils.flop_counter import FlopCounterMode
-    from mose_ds.experts import MAX_RANGES, executed_units
+    from mose_ds.experts import MAX_RANGES
     D, H = 16, 128
     ffn, gen = make("gelu", D=D, H=H), torch.Generator().manual_seed(2)
     m = torch.randint(1, H + 1, (200,), generator=gen)
     with FlopCounterMode(display=False) as counter:
-        ffn.forward_slots(torch.randn(200, D, generator=gen), m)
+        _, units = ffn.forward_slots(torch.randn(200, D, generator=gen), m)
     step = H // MAX_RANGES
     exact = 2 * 2 * D * int(m.sum())
     rounded = 2 * 2 * D * int(((m + step - 1) // step * step).sum())
     assert exact <= counter.get_total_flops() <= rounded
-    assert counter.get_total_flops() == 2 * 2 * D * int(executed_units(m, H))
+    assert counter.get_total_flops() == 2 * 2 * D * units
     assert counter.get_total_flops() < 0.6 * 2 * 2 * D * H * 200     # widths average ~0.5
 
 

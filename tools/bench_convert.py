@@ -107,9 +107,8 @@ def peak_rss(cmd: list[str]) -> tuple[int, float]:
              "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.time() - t, r.returncode); "
              "sys.stderr.write(r.stderr[-2000:] if r.returncode else '')")
-    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}   # this process's one-rank world
-    out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, env=env)
+    from mose_ds.engine import child_env
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, env=child_env())
     rss_kb, seconds, rc = out.stdout.split()
     if int(rc) != 0:
         raise SystemExit(f"bench_convert: {' '.join(cmd[:2])} failed:\n{out.stderr}")

@@ -35,7 +35,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mose_ds.config import ConfigError, apply_overrides, from_dict, load_config  # noqa: E402
-from mose_ds.memory import GiB, Cluster, ParamCounts, plan  # noqa: E402
+from mose_ds.memory import GiB, Cluster, ParamCounts, model_states, plan  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,6 @@ def deepspeed_zero2_estimate(params: int, gpus_per_node: int, nodes: int) -> int
 def dense_cross_check(cfg, counts: ParamCounts, cluster: Cluster) -> dict:
     """Our model states of the non-expert parameters under ZeRO-2 with 16-bit gradients next
     to DeepSpeed's estimator for the same parameters and GPUs."""
-    from mose_ds.memory import model_states
     dense = ParamCounts(counts.non_expert, 0)
     s = model_states(dense, cluster.world, 1, 2, "bf16", "bf16")
     ours = s["weights"] + s["gradients_step"] + s["optimizer"]
@@ -226,9 +225,8 @@ def worker(raw_json: str, out: str, iterations: int = 2) -> None:
 
 def measured_rise(raw: dict, ranks: int) -> float:
     """The largest per-rank resident rise of a run on `ranks` CPU ranks."""
-    from mose_ds.engine import free_port
-    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    from mose_ds.engine import child_env, free_port
+    env = child_env()
     env.update(MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rise.json")
