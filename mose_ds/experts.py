@@ -16,7 +16,7 @@ from torch import nn
 
 from .widths import hidden_units
 
-MAX_RANGES = 16   # hidden-unit ranges (product pairs) per expert call when widths are many
+MAX_RANGES = 8    # hidden-unit ranges (product pairs) per expert call when widths are many
 
 
 def range_ends(m_N: torch.Tensor, hidden: int) -> list[int]:
@@ -51,7 +51,11 @@ class SlimmableFFN(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, m: int) -> torch.Tensor:
         """All N rows at one hidden size m (1 <= m <= H)."""
-        return self._hidden(x_ND, 0, m) @ self.w_down[:m]               # [N, D]
+        return self._ranged(x_ND, None, [(0, m, x_ND.shape[0], x_ND.shape[0])])   # [N, D]
+
+    def _ranged(self, x_ND, m_N, ranges) -> torch.Tensor:
+        gate = self.w_gate if self.activation == "swiglu" else None
+        return _RangedFFN.apply(x_ND, m_N, ranges, self.w_up, self.w_down, gate)
 
     def forward_slots(self, x_ND: torch.Tensor, m_N: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Each row at its own hidden size; rows with m = 0 are empty slots and stay zero.
@@ -77,20 +81,14 @@ class SlimmableFFN(nn.Module):
         m_sorted, order_N = torch.sort(m_N, descending=True, stable=True)
         x_sorted = x_ND.index_select(0, order_N)
         ends = range_ends(m_sorted, self.ffn_hidden_size)
-        ends_J = torch.tensor(ends, device=m_N.device)
         starts = [0] + ends[:-1]
         # rows reaching into each range, and rows covering it entirely (one host sync)
         counts = torch.stack([(m_sorted > torch.tensor(starts, device=m_N.device)[:, None]).sum(1),
-                              (m_sorted >= ends_J[:, None]).sum(1)]).tolist()
-        out_ND, units = torch.zeros_like(x_ND), 0
-        for lo, hi, n, full in zip(starts, ends, *counts):
-            h_nU = self._hidden(x_sorted[:n], lo, hi)
-            if full < n:   # rows narrower than hi: zero their units from their own size on
-                units_U = torch.arange(lo, hi, device=m_N.device)
-                h_nU = h_nU * (units_U < m_sorted[:n, None]).to(h_nU.dtype)
-            out_ND[:n] += h_nU @ self.w_down[lo:hi]
-            units += n * (hi - lo)
-        return torch.zeros_like(out_ND).index_copy(0, order_N, out_ND), units
+                              (m_sorted >= torch.tensor(ends, device=m_N.device)[:, None]).sum(1)]).tolist()
+        ranges = list(zip(starts, ends, *counts))
+        out_sorted = self._ranged(x_sorted, m_sorted, ranges)
+        units = sum(n * (hi - lo) for lo, hi, n, _ in ranges)
+        return torch.zeros_like(out_sorted).index_copy(0, order_N, out_sorted), units
 
     def forward_relaxed(self, x_ND: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
         """The differentiable relaxation of `forward_slots` used to calibrate gamma.
@@ -109,3 +107,98 @@ class SlimmableFFN(nn.Module):
         units_M = torch.arange(M, device=x_ND.device, dtype=torch.float32)
         mask_NM = (w_N.float().unsqueeze(1) * H - units_M).clamp(0, 1).to(x_ND.dtype)
         return (self._hidden(x_ND, 0, M) * mask_NM) @ self.w_down[:M]   # [N, D]
+
+
+class _RangedFFN(torch.autograd.Function):
+    """The hidden-unit ranges of `SlimmableFFN.forward_slots`, forward and backward by hand.
+
+    Written out because autograd's backward of a weight slice `w[lo:hi]` materialises a
+    zero [H, D] gradient per range and adds it to the total (one full weight gradient per
+    range and weight, more memory traffic than the products themselves at small widths),
+    and every `out += a @ b` makes a temporary. Here each range's weight gradient goes
+    straight into its rows of one gradient buffer, outputs and input gradients accumulate
+    in place (`addmm_`), and only pre-activations are kept for backward (activation and
+    unit mask are recomputed): half of what autograd keeps for GELU.
+
+    x_ND: rows sorted widest first; m_N: their sizes; ranges: (lo, hi, n, full) per range,
+    units lo..hi-1 running on the first n rows, of which the first `full` have all of them.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, m_N, ranges, w_up, w_down, w_gate):
+        out_ND = torch.empty_like(x_ND)
+        out_ND[ranges[0][2]:].zero_()          # empty slots (the first range has every other row)
+        saved = []
+        for lo, hi, n, full in ranges:
+            x_nD = x_ND[:n]
+            up_nU = x_nD @ w_up[lo:hi].t()                                   # [n, hi - lo]
+            gate_nU = x_nD @ w_gate[lo:hi].t() if w_gate is not None else None
+            _accumulate(out_ND[:n], _activate(up_nU, gate_nU, m_N, lo, full), w_down[lo:hi], lo == 0)
+            saved += [up_nU, gate_nU]
+        ctx.ranges = ranges
+        ctx.save_for_backward(x_ND, m_N, w_up, w_down, w_gate, *saved)
+        return out_ND
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_ND):
+        x_ND, m_N, w_up, w_down, w_gate, *saved = ctx.saved_tensors
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        m_max = ctx.ranges[-1][1]
+        dx_ND = torch.empty_like(x_ND) if want_x else None
+        if want_x:
+            dx_ND[ctx.ranges[0][2]:].zero_()
+        d_up, d_down, d_gate = (_grad_buffer(w, m_max) if want_w and w is not None else None
+                                for w in (w_up, w_down, w_gate))
+        for j, (lo, hi, n, full) in enumerate(ctx.ranges):
+            up_nU, gate_nU = saved[2 * j:2 * j + 2]
+            x_nD, g_nD = x_ND[:n], g_ND[:n]
+            if want_w:
+                torch.mm(_activate(up_nU, gate_nU, m_N, lo, full).t(), g_nD, out=d_down[lo:hi])
+            dh_nU = _zero_missing_units(g_nD @ w_down[lo:hi].t(), m_N, lo, full)   # [n, hi - lo]
+            if gate_nU is None:
+                dup_nU = torch.ops.aten.gelu_backward(dh_nU, up_nU)
+            else:
+                dup_nU = dh_nU * F.silu(gate_nU)
+                dgate_nU = torch.ops.aten.silu_backward(dh_nU.mul_(up_nU), gate_nU)
+                if want_w:
+                    torch.mm(dgate_nU.t(), x_nD, out=d_gate[lo:hi])
+                if want_x:
+                    _accumulate(dx_ND[:n], dgate_nU, w_gate[lo:hi], lo == 0)
+            if want_w:
+                torch.mm(dup_nU.t(), x_nD, out=d_up[lo:hi])
+            if want_x:
+                _accumulate(dx_ND[:n], dup_nU, w_up[lo:hi], lo == 0 and w_gate is None)
+        return dx_ND, None, None, d_up, d_down, d_gate
+
+
+def _accumulate(out_nD: torch.Tensor, a_nU: torch.Tensor, b_UD: torch.Tensor, first: bool) -> None:
+    """out += a @ b in place (out = a @ b for the first product into it): no temporary."""
+    if first:
+        torch.mm(a_nU, b_UD, out=out_nD)
+    else:
+        out_nD.addmm_(a_nU, b_UD)
+
+
+def _grad_buffer(w_HD: torch.Tensor, m_max: int) -> torch.Tensor:
+    """A gradient for w whose rows from m_max on are zero; the ranges fill the rest."""
+    d_HD = torch.empty_like(w_HD)
+    d_HD[m_max:].zero_()
+    return d_HD
+
+
+def _zero_missing_units(h_nU: torch.Tensor, m_N: torch.Tensor, lo: int, full: int) -> torch.Tensor:
+    """Zero, in place, the units of h (range lo.. of the first n sorted rows) that lie at or
+    past each row's size. Only rows from `full` on can have such units."""
+    n, U = h_nU.shape
+    if full < n:
+        units_U = torch.arange(lo, lo + U, device=h_nU.device)
+        h_nU[full:].mul_((units_U < m_N[full:n, None]).to(h_nU.dtype))
+    return h_nU
+
+
+def _activate(up_nU, gate_nU, m_N, lo: int, full: int) -> torch.Tensor:
+    """The hidden activation of one range (GELU, or SwiGLU when there is a gate), with the
+    units rows do not have zeroed."""
+    h_nU = F.gelu(up_nU) if gate_nU is None else F.silu(gate_nU) * up_nU
+    return _zero_missing_units(h_nU, m_N, lo, full)

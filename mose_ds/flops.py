@@ -28,6 +28,16 @@ from .widths import hidden_units
 CONVENTIONS = ("paper", "standard")
 
 
+def flop_counter():
+    """torch's FlopCounterMode (no display), also counting `addmm_`: the experts accumulate
+    their range products in place, and torch's registry knows only the out-of-place addmm."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops})
+
+
 def flops_per_token(model: ModelConfig, moe: MoEConfig, units_per_token: Sequence[float],
                     context: float, convention: str = "standard") -> dict[str, float]:
     """FLOPs of one token's forward. `units_per_token[l]`: expert hidden units executed per

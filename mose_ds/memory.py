@@ -170,9 +170,9 @@ def _attention(s: ActivationShape, seq: int, a: int, fused: bool) -> float:
 
 
 def _ffn_units(units: int, swiglu: bool) -> int:
-    """Per-row tensors an FFN of `units` hidden units keeps: GELU input and output (2m);
-    SwiGLU gate+up output (2m), SiLU output and the product (2m)."""
-    return (4 if swiglu else 2) * units
+    """Per-row tensors a slimmable FFN of `units` hidden units keeps: its pre-activations
+    only (GELU: m; SwiGLU: gate and up, 2m), the activation being recomputed in backward."""
+    return (2 if swiglu else 1) * units
 
 
 def capacity(s: ActivationShape, tokens: int) -> int:

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mose_ds.config import from_dict  # noqa: E402
+from mose_ds.engine import free_port  # noqa: E402,F401  (re-exported to the tests)
 from mose_ds.train import quiet_libraries  # noqa: E402
 
 quiet_libraries()
@@ -35,11 +36,13 @@ def clean_env() -> dict:
     return child_env()
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def sliced_ffn(expert, x_ND, m: int):
+    """The expert at hidden size m in plain autograd ops on weight slices: the reference the
+    hand-written expert forward and backward are checked against."""
+    import torch.nn.functional as F
+    up_NM = x_ND @ expert.w_up[:m].t()
+    h_NM = F.silu(x_ND @ expert.w_gate[:m].t()) * up_NM if expert.activation == "swiglu" else F.gelu(up_NM)
+    return h_NM @ expert.w_down[:m]
 
 
 def run_ranks(nproc: int, script: str, *args) -> None:

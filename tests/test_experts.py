@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import sliced_ffn
 from mose_ds.experts import SlimmableFFN
 from mose_ds.widths import hidden_units
 
@@ -21,7 +22,7 @@ def make(activation, D=16, H=64):
 def test_sliced_expert_equals_dense_ffn_of_sliced_weights(activation, width):
     ffn = make(activation)
     m = math.ceil(width * 64)
-    x = torch.randn(10, 16)
+    x = torch.randn(10, 16, requires_grad=True)
     up = ffn.w_up[:m].detach().clone()
     down = ffn.w_down[:m].detach().clone()
     if activation == "swiglu":
@@ -29,7 +30,14 @@ def test_sliced_expert_equals_dense_ffn_of_sliced_weights(activation, width):
         ref = (F.silu(x @ gate.t()) * (x @ up.t())) @ down
     else:
         ref = F.gelu(x @ up.t()) @ down
-    torch.testing.assert_close(ffn(x, m), ref)
+    out = ffn(x, m)
+    torch.testing.assert_close(out, ref)
+    # the hand-written backward against autograd on the same slices, every gradient
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *ffn.parameters()], g)
+    want = torch.autograd.grad(sliced_ffn(ffn, x, m), [x, *ffn.parameters()], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def test_hidden_units_is_ceil_of_width_times_hidden():
@@ -44,16 +52,16 @@ def test_forward_slots_runs_each_row_at_its_own_width_and_skips_empty_slots():
     m = torch.tensor([16, 64, 0, 16, 33, 0])
     out, _ = ffn.forward_slots(x, m)
     for i in range(6):
-        ref = torch.zeros(16) if m[i] == 0 else ffn(x[i:i + 1], int(m[i]))[0]
+        ref = torch.zeros(16) if m[i] == 0 else sliced_ffn(ffn, x[i:i + 1], int(m[i]))[0]
         torch.testing.assert_close(out[i], ref)
 
 
 def test_slicing_does_less_work_than_full_width():
-    from torch.utils.flop_counter import FlopCounterMode
+    from mose_ds.flops import flop_counter
     ffn, x = make("gelu"), torch.randn(8, 16)
     counts = []
     for m in (16, 64):
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             ffn(x, m)
         counts.append(counter.get_total_flops())
     assert counts[0] * 4 == counts[1]
@@ -72,7 +80,8 @@ def test_forward_slots_with_many_widths_equals_a_per_row_loop_forward_and_backwa
     g = torch.randn(60, 16, generator=gen)
     out, _ = ffn.forward_slots(x, m)
     grads = torch.autograd.grad(out, [x, *ffn.parameters()], g)
-    ref = torch.stack([torch.zeros(16) if m[i] == 0 else ffn(x[i:i + 1], int(m[i]))[0] for i in range(60)])
+    ref = torch.stack([torch.zeros(16) if m[i] == 0 else sliced_ffn(ffn, x[i:i + 1], int(m[i]))[0]
+                       for i in range(60)])
     ref_grads = torch.autograd.grad(ref, [x, *ffn.parameters()], g)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, ref_grads):
@@ -83,12 +92,12 @@ def test_forward_slots_work_follows_the_executed_widths():
     """FLOPs of the ranged execution: at least those of each row at its own size, at most
     those of each row rounded up to its range end (H / MAX_RANGES units), and exactly the
     units it reports to the FLOPs accounting."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from mose_ds.flops import flop_counter
     from mose_ds.experts import MAX_RANGES
     D, H = 16, 128
     ffn, gen = make("gelu", D=D, H=H), torch.Generator().manual_seed(2)
     m = torch.randint(1, H + 1, (200,), generator=gen)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         _, units = ffn.forward_slots(torch.randn(200, D, generator=gen), m)
     step = H // MAX_RANGES
     exact = 2 * 2 * D * int(m.sum())
@@ -102,3 +111,24 @@ def test_width_quantum_rounds_hidden_units_up():
     w = torch.tensor([0.01, 0.25, 0.3, 0.99, 1.0])
     assert hidden_units(w, 1000, quantum=64).tolist() == [64, 256, 320, 1000, 1000]
     assert hidden_units(w, 1000, quantum=1).tolist() == hidden_units(w, 1000).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ranged_backward_with_frozen_weights_and_in_bf16(dtype):
+    """Frozen expert weights get no gradient (and none is computed) while the input still
+    does; in bf16 the ranged kernels agree with autograd on the slices to bf16 precision."""
+    ffn = make("swiglu", D=16, H=96).to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    m = torch.randint(0, 97, (40,), generator=gen)
+    x = torch.randn(40, 16, generator=gen).to(dtype).requires_grad_()
+    g = torch.randn(40, 16, generator=gen).to(dtype)
+    ref = torch.stack([torch.zeros(16, dtype=dtype) if m[i] == 0 else sliced_ffn(ffn, x[i:i + 1], int(m[i]))[0]
+                       for i in range(40)])
+    want = torch.autograd.grad(ref, x, g)[0]
+    ffn.requires_grad_(False)
+    out, _ = ffn.forward_slots(x, m)
+    out.backward(g)
+    assert all(p.grad is None for p in ffn.parameters())
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(x.grad, want, **tol)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import sliced_ffn, tiny_config
 from mose_ds.gating import top_k_routing
 from mose_ds.model import transformer_config
 from mose_ds.moe_layer import SlimmableMoE
@@ -29,7 +29,7 @@ def reference_moe(layer, x_TD, policy):
     for t in range(x_TD.shape[0]):
         for j in range(layer.k):
             expert = layer.local_experts[int(idx[t, j])]
-            out[t] += p[t, j] * expert(x_TD[t:t + 1], int(m[t, j]))[0]
+            out[t] += p[t, j] * sliced_ffn(expert, x_TD[t:t + 1], int(m[t, j]))[0]
     return out
 
 

@@ -1,14 +1,13 @@
 """Width policy maths on hand-computed cases, the calibration relaxation, and FLOPs accounting
-against torch's FlopCounterMode."""
+against torch's FlopCounterMode (`flops.flop_counter`)."""
 
 import math
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_config
-from mose_ds.flops import FlopsMeter, forward_flops_per_token
+from mose_ds.flops import FlopsMeter, flop_counter, forward_flops_per_token
 from mose_ds.model import MoSEGPT, lm_loss
 from mose_ds.moe_layer import SlimmableMoE
 from mose_ds.widths import (allocation, budget_widths, exact_budget_widths, normprob_policy,
@@ -123,7 +122,7 @@ def test_flops_of_executed_widths_equal_flop_counter(world, policy):
     """The standard convention counts exactly the matmuls torch runs (eager forward)."""
     model = tiny_model(world, capacity_factor=1.0, eval_capacity_factor=1.0)   # some drops
     x = torch.randint(0, 4096, (3, 32))
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter, torch.no_grad():
         _, routing = model(x, policy)
     meter = FlopsMeter(model.cfg, model.moe_cfg)

@@ -35,6 +35,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mose_ds.config import ConfigError, apply_overrides, from_dict, load_config  # noqa: E402
+from mose_ds.measure import resident  # noqa: E402
 from mose_ds.memory import GiB, Cluster, ParamCounts, model_states, plan  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,11 +185,6 @@ def null_raw(raw: dict) -> dict:
                    "expert_parallel_size": raw["moe"].get("expert_parallel_size", 1)}
     null["train"]["micro_batch_size"] = 1
     return null
-
-
-def resident() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def worker(raw_json: str, out: str, iterations: int = 2) -> None:

@@ -1,0 +1,49 @@
+"""tools/bench_moe.py end to end at small shapes: every variant is reported with the figures
+the performance targets are read from, and the ones fixed by construction are right."""
+
+import pytest
+
+from conftest import load_tool
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_tool("bench_moe")
+
+
+def test_layer_and_step_report_every_variant(world, bench):
+    args = bench.parse_args(["--hidden", "64", "--tokens", "1024", "--repeats", "1", "--widths", "0.25",
+                             "--budgets", "1.0", "--skip", "memory", "--seq-len", "32", "--micro-batch", "2",
+                             "--step-widths", "0.5"])
+    result = bench.run(args)
+    rows = {r["variant"]: r for r in result["layer"]}
+    assert set(rows) == {"deepspeed", "full", "uniform_0.25", "normprob_1", "masked_1"}
+    assert all(r["seconds"] > 0 for r in rows.values())
+    # counted FLOPs follow the executed widths (the router adds a little); masking runs everything
+    assert rows["uniform_0.25"]["executed_width"] == 0.25
+    assert 0.25 < rows["uniform_0.25"]["flops_ratio"] < 0.27
+    assert rows["normprob_1"]["executed_width"] < 0.9
+    assert rows["normprob_1"]["flops_ratio"] == pytest.approx(rows["normprob_1"]["executed_width"], abs=0.02)
+    assert rows["masked_1"]["flops_ratio"] == 1.0 and rows["masked_1"]["executed_width"] == 1.0
+    assert rows["deepspeed"]["flops_ratio"] > 1.0     # its dense dispatch einsums count too
+    (step,) = result["two_pass_steps"]
+    assert step["width"] == 0.5 and 1.0 < step["predicted"] < 2.0 and step["measured"] > 0
+
+
+def test_peak_memory_grows_linearly_and_stays_below_deepspeed(world, bench):
+    args = bench.parse_args(["--hidden", "128", "--tokens", "2048", "--memory-tokens", "2048,8192",
+                             "--widths", "", "--budgets", ""])
+    result = bench.memory_benchmark(args)
+    assert [(r["variant"], r["tokens"]) for r in result["memory"]] == [
+        ("deepspeed", 2048), ("full", 2048), ("full", 8192)]
+    growth = result["memory_growth"]
+    assert 3.0 < growth["peak_ratio"] <= growth["limit"] == 4.5
+    assert result["full_vs_deepspeed_memory"]["ok"]
+
+
+def test_bad_arguments_are_named(bench, capsys):
+    for argv, words in ((["--budgets", "2.5"], "--budgets"), (["--widths", "1.5"], "--widths"),
+                        (["--skip", "layers"], "--skip layers"), (["--tokens", "1001"], "multiples of 8")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert words in capsys.readouterr().err

@@ -1,0 +1,396 @@
+#!/usr/bin/env python
+"""MoE-layer and training-step benchmark against the baselines, all ratios measured in one run.
+
+MoE layer, forward + backward on --tokens tokens (from a fixed output gradient: the layer is
+timed, not a loss):
+  (a) deepspeed.moe.layer.MoE with a plain FFN expert at full width, same shapes and capacity
+  (b) ours at full width
+  (c) ours at uniform widths (--widths)
+  (d) ours with per-token widths from the normalised-probability policy (--budgets)
+  (e) masking: every slot computes all H hidden units and those past its width are zeroed
+      (the per-token widths of (d))
+For each: median time (variants interleaved), and for (c)-(e) the time over (b)'s next to the
+mean executed width and the counted FLOPs ratio; peak memory of each variant in a fresh
+process, and of (b) at each of --memory-tokens (how memory grows with tokens).
+Training step: a two-pass step (full + width w) over a single full-width step, next to the
+ratio predicted from FLOPs.
+
+    python tools/bench_moe.py                               # CPU acceptance shapes
+    python tools/bench_moe.py --json > bench.json
+    python tools/bench_moe.py --dtype bf16 --hidden 2048 --experts 64 --tokens 32768 \\
+        --memory-tokens 32768,131072 --recipe ds_configs/gpt2_small_e8a2.yaml --seq-len 1024 --micro-batch 8   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from mose_ds import measure  # noqa: E402
+from mose_ds.config import from_dict, load_config, to_dict  # noqa: E402
+from mose_ds.experts import SlimmableFFN  # noqa: E402
+
+# Dense bf16 peak TFLOP/s by device name, for utilisation figures (override: --peak-tflops).
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+class MaskedFFN(SlimmableFFN):
+    """(e): the masking implementation of per-token widths: every row computes all H hidden
+    units, the units past its own size multiplied by zero."""
+
+    def forward_slots(self, x_ND: torch.Tensor, m_N: torch.Tensor) -> tuple[torch.Tensor, int]:
+        H = self.ffn_hidden_size
+        mask_NH = (torch.arange(H, device=x_ND.device) < m_N[:, None]).to(x_ND.dtype)
+        return (self._hidden(x_ND, 0, H) * mask_NH) @ self.w_down, x_ND.shape[0] * H
+
+
+# ---------------------------------------------------------------------------------------
+# variants
+
+
+def variant_names(args) -> list[str]:
+    return (["deepspeed", "full"] + [f"uniform_{w:g}" for w in args.widths]
+            + [f"normprob_{g:g}" for g in args.budgets] + [f"masked_{g:g}" for g in args.budgets])
+
+
+def build_layer(args, kind: str, device, dtype):
+    """One MoE layer with seeded weights: ours ('ours'/'masked') or DeepSpeed's."""
+    from deepspeed.moe.layer import MoE
+    from mose_ds.model import transformer_config
+    from mose_ds.moe_layer import SlimmableMoE
+
+    cfg = from_dict({"model": {"hidden_size": args.hidden, "num_heads": 1, "num_layers": 1},
+                     "moe": {"num_experts": args.experts, "top_k": args.top_k,
+                             "width_quantum": args.width_quantum}})
+    D, H = args.hidden, cfg.model.ffn_hidden_size
+    torch.manual_seed(0)
+    if kind == "deepspeed":
+        plain = torch.nn.Sequential(torch.nn.Linear(D, H, bias=False), torch.nn.GELU(),
+                                    torch.nn.Linear(H, D, bias=False))
+        layer = MoE(D, plain, num_experts=args.experts, ep_size=1, k=args.top_k,
+                    capacity_factor=cfg.moe.capacity_factor, eval_capacity_factor=cfg.moe.eval_capacity_factor,
+                    min_capacity=cfg.moe.min_capacity)
+    else:
+        layer = SlimmableMoE(transformer_config(cfg.model), cfg.moe, H, "gelu", 0)
+        if kind == "masked":
+            for expert in layer.local_experts:
+                expert.__class__ = MaskedFFN
+    layer.set_deepspeed_parallelism()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return layer.to(device=device, dtype=dtype).train()
+
+
+def layer_kind(name: str) -> str:
+    return {"deepspeed": "deepspeed", "masked": "masked"}.get(name.split("_")[0], "ours")
+
+
+def policy(name: str):
+    from mose_ds.widths import normprob_policy, uniform_policy
+    kind, _, value = name.partition("_")
+    if kind in ("normprob", "masked"):
+        return normprob_policy(float(value))
+    return uniform_policy(float(value) if value else 1.0)
+
+
+def step_fn(name: str, layer, x, grad_out, record: dict):
+    """Forward + backward of one variant; `record[name]` gets (units executed, mean width the
+    policy asked for) of ours."""
+    if layer_kind(name) == "deepspeed":
+        def fn():
+            x.grad = None
+            out, l_aux, _ = layer(x)
+            torch.autograd.backward([out, l_aux], [grad_out, None])
+        return fn
+    width_policy = policy(name)
+
+    def fn():
+        x.grad = None
+        out, info = layer(x, width_policy)
+        record[name] = (float(info.units), float(info.mean_width))
+        torch.autograd.backward([out, info.aux_loss], [grad_out, None])
+    return fn
+
+
+def inputs(args, tokens: int, device, dtype):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens // 8, 8, args.hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    return x, torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def forward_flops(name: str, layer, x) -> int:
+    from mose_ds.flops import flop_counter
+    with flop_counter() as counter:   # (with autograd on: its module tracker needs it)
+        layer(x) if layer_kind(name) == "deepspeed" else layer(x, policy(name))
+    return counter.get_total_flops()
+
+
+def layer_benchmark(args, device, dtype) -> dict:
+    names = variant_names(args)
+    layers = {kind: build_layer(args, kind, device, dtype) for kind in ("deepspeed", "ours", "masked")}
+    x, grad_out = inputs(args, args.tokens, device, dtype)
+    units: dict[str, float] = {}
+    fns = {n: step_fn(n, layers[layer_kind(n)], x, grad_out, units) for n in names}
+    flops = {n: forward_flops(n, layers[layer_kind(n)], x) for n in names}
+    say(f"timing {len(names)} variants x {args.repeats} repeats (interleaved) ...")
+    seconds = measure.interleaved(fns, args.repeats)
+    full_s, full_units, full_flops = seconds["full"], units["full"][0], flops["full"]
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in args.device_name), None)
+    rows = []
+    for n in names:
+        tflops = 3 * flops[n] / seconds[n] / 1e12          # forward + backward ~ 3 x forward
+        row = {"variant": n, "seconds": seconds[n], "time_ratio": seconds[n] / full_s,
+               "flops_ratio": flops[n] / full_flops, "tflops": tflops,
+               "peak_fraction": tflops / peak if peak else None}
+        if n in units:   # hidden units computed (range rounding included) over full width's
+            row["executed_width"] = units[n][0] / full_units
+            row["policy_width"] = units[n][1]
+        if n.startswith(("uniform", "normprob")):
+            row["target"] = row["executed_width"] + 0.10
+            row["ok"] = row["time_ratio"] <= row["target"]
+        rows.append(row)
+    return {"layer": rows, "full_vs_deepspeed": {"time_ratio": full_s / seconds["deepspeed"],
+                                                 "ok": full_s <= seconds["deepspeed"]}}
+
+
+# ---------------------------------------------------------------------------------------
+# peak memory, one fresh process per measurement
+
+
+def memory_worker(args) -> None:
+    """Child process: peak memory of one forward + backward of `args.variant` on
+    `args.worker_tokens` tokens, above what the layer and its inputs hold before it."""
+    from mose_ds import engine as engine_lib
+    from mose_ds.train import quiet_libraries
+    quiet_libraries()
+    engine_lib.init_distributed()
+    device, dtype = engine_lib.device(), DTYPES[args.dtype]
+    layer = build_layer(args, layer_kind(args.variant), device, dtype)
+    x, grad_out = inputs(args, args.worker_tokens, device, dtype)
+    fn = step_fn(args.variant, layer, x, grad_out, {})
+    fn()                       # first call: one-off allocations (thread pools, kernels)
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    exact = measure.reset_peak()
+    base = measure.current()
+    fn()
+    with open(args.worker_out, "w") as f:
+        json.dump({"peak_bytes": measure.peak() - base, "exact_window": exact}, f)
+
+
+def measured_peak(args, variant: str, tokens: int) -> dict:
+    from mose_ds.engine import child_env
+    env = child_env()
+    env.update(MALLOC_MMAP_THRESHOLD_="65536")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "peak.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--memory-worker", variant,
+               str(tokens), out]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        if result.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"memory measurement of {variant} at {tokens} tokens failed:\n{result.stderr[-3000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def memory_benchmark(args) -> dict:
+    jobs = [(n, args.tokens) for n in variant_names(args)]
+    jobs += [("full", t) for t in args.memory_tokens if t != args.tokens]
+    rows = []
+    for i, (n, t) in enumerate(jobs):
+        say(f"peak memory {i + 1}/{len(jobs)}: {n} at {t} tokens ...")
+        rows.append({"variant": n, "tokens": t, **measured_peak(args, n, t)})
+    full = {r["tokens"]: r["peak_bytes"] for r in rows if r["variant"] == "full"}
+    lo, hi = min(full), max(full)
+    growth = {"tokens": [lo, hi], "peak_ratio": full[hi] / full[lo], "token_ratio": hi / lo,
+              "limit": 1.125 * hi / lo}   # 4.5x for 4x tokens: linear growth and a little
+    growth["ok"] = growth["peak_ratio"] <= growth["limit"]
+    at = {r["variant"]: r["peak_bytes"] for r in rows if r["tokens"] == args.tokens}
+    return {"memory": rows, "memory_growth": growth,
+            "full_vs_deepspeed_memory": {"ratio": at["full"] / at["deepspeed"], "ok": at["full"] < at["deepspeed"]}}
+
+
+# ---------------------------------------------------------------------------------------
+# training step
+
+
+def step_benchmark(args) -> dict:
+    """One engine step (micro-batch forward/backward + optimizer): two-pass vs full only."""
+    from mose_ds import engine as engine_lib
+    from mose_ds.flops import forward_flops_per_token, two_pass_cost_ratio
+    from mose_ds.train import train_micro_batch
+
+    raw = to_dict(load_config(args.recipe)) if args.recipe else to_dict(from_dict({}))
+    if not args.recipe:   # a CPU-sized model in which the MoE layers carry real weight
+        raw["model"].update(num_layers=4, num_heads=4, hidden_size=args.hidden, vocab_size=8192)
+        raw["moe"].update(num_experts=args.experts, top_k=args.top_k)
+    raw["model"]["seq_len"] = args.seq_len
+    raw["moe"]["expert_parallel_size"] = 1
+    raw["train"].update(micro_batch_size=args.micro_batch, grad_accum_steps=1, max_iters=10**6)
+    raw["engine"].update(zero_stage=1, precision=args.dtype)
+    raw["mose"]["two_pass"] = "joint"
+    cfg = from_dict(raw, source=args.recipe or "bench")
+    engine = engine_lib.create_engine(cfg, engine_lib.build_model(cfg))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
+    x, y = tokens[:, :-1].to(engine.device), tokens[:, 1:].to(engine.device)
+
+    fns = {"single": lambda: train_micro_batch(engine, cfg, x, y, None)}
+    for w in args.step_widths:
+        fns[f"two_w{w:g}"] = (lambda w=w: train_micro_batch(engine, cfg, x, y, w))
+    say(f"timing the training step: single and {len(args.step_widths)} two-pass widths ...")
+    t = measure.interleaved(fns, args.repeats)
+    n_tokens = args.micro_batch * args.seq_len
+    full_flops = 3 * forward_flops_per_token(cfg.model, cfg.moe, 1.0)["total"]   # forward + backward
+    rows = []
+    for w in args.step_widths:
+        measured = t[f"two_w{w:g}"] / t["single"]
+        predicted = two_pass_cost_ratio(cfg.model, cfg.moe, w)
+        rows.append({"width": w, "measured": measured, "predicted": predicted,
+                     "measured_over_predicted": measured / predicted, "ok": measured <= 1.05 * predicted,
+                     "tokens_per_s": n_tokens / t[f"two_w{w:g}"],
+                     "tflops": full_flops * predicted * n_tokens / t[f"two_w{w:g}"] / 1e12})
+    return {"step_model": {k: raw["model"][k] for k in ("num_layers", "hidden_size", "seq_len", "vocab_size")}
+            | {"num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k, "micro_batch": args.micro_batch},
+            "single_step_seconds": t["single"], "single_step_tflops": full_flops * n_tokens / t["single"] / 1e12,
+            "two_pass_steps": rows}
+
+
+# ---------------------------------------------------------------------------------------
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=16384, help="tokens through the MoE layer")
+    p.add_argument("--width-quantum", type=int, default=1, help="moe.width_quantum of our layer")
+    p.add_argument("--widths", type=floats, default=[0.25, 0.5, 0.75], help="(c) uniform widths")
+    p.add_argument("--budgets", type=floats, default=[0.5, 1.0, 1.5], help="(d), (e) normprob budgets in (0, k]")
+    p.add_argument("--memory-tokens", type=ints, default=[16384, 65536],
+                   help="token counts at which (b)'s peak memory is measured")
+    p.add_argument("--recipe", default=None, help="model of the training step; default: a CPU-sized 4-layer model")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--step-widths", type=floats, default=[0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak TFLOP/s for utilisation (default: known GPUs, dense bf16)")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: layer, memory, step")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--memory-worker", nargs=3, metavar=("VARIANT", "TOKENS", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--json"]
+    args.skip = {s for s in args.skip.split(",") if s}
+    bad = args.skip - {"layer", "memory", "step"}
+    if bad:
+        p.error(f"--skip {','.join(sorted(bad))}: expected layer, memory or step")
+    if any(not 0 < w <= 1 for w in args.widths):
+        p.error(f"--widths {args.widths}: widths must lie in (0, 1]")
+    if any(not 0 < g <= args.top_k for g in args.budgets):
+        p.error(f"--budgets {args.budgets}: budgets must lie in (0, top_k={args.top_k}]")
+    if args.tokens % 8 or any(t % 8 for t in args.memory_tokens):
+        p.error("--tokens and --memory-tokens must be multiples of 8 (batches of 8 sequences)")
+    if args.memory_worker:
+        args.variant, tokens, args.worker_out = args.memory_worker
+        args.worker_tokens = int(tokens)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.memory_worker:
+        memory_worker(args)
+        return 0
+    if args.json:   # keep stdout for the JSON document; library chatter goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run(args)
+        print(json.dumps(result, indent=2))
+        return 0
+    print_report(args, run(args))
+    return 0
+
+
+def run(args) -> dict:
+    from mose_ds import engine as engine_lib
+    from mose_ds.train import quiet_libraries
+    quiet_libraries()
+    engine_lib.init_distributed()
+    device = engine_lib.device()
+    args.device_name = (torch.cuda.get_device_name() if device.type == "cuda"
+                        else f"cpu x{torch.get_num_threads()} threads")
+    result = {"device": args.device_name, "dtype": args.dtype,
+              "layer_shapes": {"hidden": args.hidden, "ffn_hidden": 4 * args.hidden, "experts": args.experts,
+                               "top_k": args.top_k, "tokens": args.tokens, "width_quantum": args.width_quantum}}
+    if "layer" not in args.skip:
+        result |= layer_benchmark(args, device, DTYPES[args.dtype])
+    if "memory" not in args.skip:
+        result |= memory_benchmark(args)
+    if "step" not in args.skip:
+        result |= step_benchmark(args)
+    return result
+
+
+def print_report(args, r: dict) -> None:
+    s = r["layer_shapes"]
+    print(f"device: {r['device']}, {r['dtype']}; MoE layer: hidden {s['hidden']} (FFN {s['ffn_hidden']}), "
+          f"E{s['experts']} top-{s['top_k']}, {s['tokens']} tokens")
+    if "layer" in r:
+        print("\nforward + backward   | seconds | time / (b) | policy width | executed width | FLOPs ratio | TFLOP/s "
+              "| target <= | ok")
+        for row in r["layer"]:
+            width = (f"{row['policy_width']:12.3f} | {row['executed_width']:14.3f}" if "executed_width" in row
+                     else f"{'':12} | {'':14}")
+            target = f"{row['target']:9.3f} | {row['ok']}" if "target" in row else f"{'':9} |"
+            print(f"  {row['variant']:18} | {row['seconds']:7.3f} | {row['time_ratio']:10.3f} | {width} | "
+                  f"{row['flops_ratio']:11.3f} | {row['tflops']:7.3f} | {target}")
+        v = r["full_vs_deepspeed"]
+        print(f"  (b) full / (a) deepspeed: {v['time_ratio']:.3f}x time ({'ok' if v['ok'] else 'SLOWER'})")
+    if "memory" in r:
+        print("\npeak memory of one forward + backward (above the layer and its inputs)")
+        for row in r["memory"]:
+            print(f"  {row['variant']:18} | {row['tokens']:7d} tokens | {row['peak_bytes'] / 2**20:9.1f} MiB")
+        g, v = r["memory_growth"], r["full_vs_deepspeed_memory"]
+        print(f"  (b) at {g['tokens'][1]} / {g['tokens'][0]} tokens: {g['peak_ratio']:.2f}x "
+              f"(limit {g['limit']:.2f}x: {'ok' if g['ok'] else 'EXCEEDED'}); "
+              f"(b) / (a) at {s['tokens']} tokens: {v['ratio']:.3f}x ({'ok' if v['ok'] else 'NOT LESS'})")
+    if "two_pass_steps" in r:
+        m = r["step_model"]
+        print(f"\ntwo-pass step / single full-width step ({m['num_layers']} layers x {m['hidden_size']}, "
+              f"E{m['num_experts']} top-{m['top_k']}, {m['micro_batch']} x {m['seq_len']} tokens; "
+              f"single step {r['single_step_seconds']:.3f} s, {r['single_step_tflops']:.3f} TFLOP/s)\n"
+              "  width | measured | FLOPs-predicted | measured / predicted | ok (<= 1.05) | tokens/s")
+        for row in r["two_pass_steps"]:
+            print(f"  {row['width']:5.2f} | {row['measured']:8.3f} | {row['predicted']:15.3f} | "
+                  f"{row['measured_over_predicted']:20.3f} | {str(row['ok']):12} | {row['tokens_per_s']:8,.0f}")
+    print(f"\nwrote nothing to disk; rerun with --json for the figures as JSON")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
