@@ -138,7 +138,7 @@ def layer_benchmark(args, device, dtype) -> dict:
     names = variant_names(args)
     layers = {kind: build_layer(args, kind, device, dtype) for kind in ("deepspeed", "ours", "masked")}
     x, grad_out = inputs(args, args.tokens, device, dtype)
-    units: dict[str, float] = {}
+    units: dict[str, tuple[float, float]] = {}
     fns = {n: step_fn(n, layers[layer_kind(n)], x, grad_out, units) for n in names}
     flops = {n: forward_flops(n, layers[layer_kind(n)], x) for n in names}
     say(f"timing {len(names)} variants x {args.repeats} repeats (interleaved) ...")
@@ -389,7 +389,7 @@ def print_report(args, r: dict) -> None:
         for row in r["two_pass_steps"]:
             print(f"  {row['width']:5.2f} | {row['measured']:8.3f} | {row['predicted']:15.3f} | "
                   f"{row['measured_over_predicted']:20.3f} | {str(row['ok']):12} | {row['tokens_per_s']:8,.0f}")
-    print(f"\nwrote nothing to disk; rerun with --json for the figures as JSON")
+    print("\nnothing written to disk; --json prints these figures as JSON")
 
 
 if __name__ == "__main__":
