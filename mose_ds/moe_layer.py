@@ -172,7 +172,7 @@ class SlimmableMoE(MoE):
         return out_TD, float(units)
 
     def _run_expert_parallel(self, x_SD: torch.Tensor, m_S: torch.Tensor, dest_S: torch.Tensor,
-                             C: int) -> torch.Tensor:
+                             C: int) -> tuple[torch.Tensor, float]:
         """Pack slots into `[E * C]` capacity blocks, all-to-all them (with their hidden sizes)
         to the ranks owning their experts, run them, and bring results back in slot order.
         Also returns the hidden units this rank executed (for whichever rank's tokens).
