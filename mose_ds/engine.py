@@ -10,6 +10,7 @@ come from the run config.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -56,12 +57,25 @@ def init_distributed(seed: int = 1234, timeout_s: int = 600) -> None:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
+        atexit.register(_leave_process_group)
     from megatron.core import parallel_state
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
         if not on_cpu:
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
             model_parallel_cuda_manual_seed(seed)
+
+
+def _leave_process_group() -> None:
+    """At exit, destroy a process group nobody destroyed (an error exit, a tool).
+
+    Gloo worker threads still alive when the interpreter is torn down abort the process
+    ("terminate called without an active exception"), turning a clean error exit into SIGABRT.
+    A multi-rank NCCL group is left to the launcher: destroying it while a peer waits in a
+    collective can hang."""
+    import torch.distributed as tdist
+    if tdist.is_initialized() and (tdist.get_backend() == "gloo" or tdist.get_world_size() == 1):
+        tdist.destroy_process_group()
 
 
 def device() -> torch.device:

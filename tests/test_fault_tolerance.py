@@ -173,6 +173,19 @@ def test_truncated_checkpoint_is_detected_and_skipped(world, corpus, tmp_path, c
         checkpoint.find_resume(cfg, report=lambda *a: None)
 
 
+def test_an_error_exit_destroys_the_process_group_before_the_interpreter_ends():
+    # a group left alive at interpreter teardown can abort the process (SIGABRT instead of exit 2)
+    code = ("import atexit, sys, torch.distributed as d\n"
+            "atexit.register(lambda: print('alive at exit:', d.is_initialized()))\n"
+            "from mose_ds import engine\n"
+            "engine.init_distributed()\n"
+            "sys.exit(2)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env=clean_env())
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "alive at exit: False" in result.stdout
+
+
 def test_kill9_at_random_moments_then_resume_gives_the_uninterrupted_weights(tmp_path, corpus):
     """CPU, fp32: ten or more SIGKILLs at random moments (some while a checkpoint is being
     written), each followed by a resume, end with the uninterrupted run's weights and Adam state."""
