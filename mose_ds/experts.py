@@ -8,7 +8,8 @@ hidden-major ([H, D]) so every slice is a contiguous block of rows.
 
 from __future__ import annotations
 
-import math
+import bisect
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -16,18 +17,68 @@ from torch import nn
 
 from .widths import hidden_units
 
-MAX_RANGES = 8    # hidden-unit ranges (product pairs) per expert call when widths are many
+MAX_RANGES = 8     # hidden-unit ranges (product pairs) per expert call
+RANGE_ALIGN = 64   # range ends fall on multiples of this many units (but the last): products
+                   # whose inner or outer size is a multiple of the BLAS/GEMM tile run at full speed
 
 
-def range_ends(m_N: torch.Tensor, hidden: int) -> list[int]:
-    """Ends of the hidden-unit ranges `forward_slots` computes: every distinct positive size
-    when there are at most MAX_RANGES, else multiples of ceil(hidden / MAX_RANGES) and the
-    largest size."""
-    sizes = torch.unique(m_N[m_N > 0]).tolist()
-    if len(sizes) <= MAX_RANGES:
-        return sizes
-    step = math.ceil(hidden / MAX_RANGES)
-    return list(range(step, sizes[-1], step)) + [sizes[-1]]
+def plan_ranges(sizes: list[int], counts: list[int], hidden: int, max_ranges: int = MAX_RANGES,
+                align: int = RANGE_ALIGN) -> list[tuple[int, int, int, int]]:
+    """The hidden-unit ranges `forward_sorted` runs for rows with these distinct positive
+    sizes (ascending) and row counts: (lo, hi, n, full) per range, units lo..hi-1 running on
+    the n widest rows, of which the `full` widest have all of them.
+
+    A row computes every range up to the first end at or past its size, so the work is each
+    row's size rounded up to a range end. With at most `max_ranges` sizes the ends are the
+    sizes (nothing wasted); otherwise they are the `max_ranges` candidate ends (each size
+    rounded up to `align` units, or to hidden / max_ranges when that is finer, and the
+    largest size) that minimise the total rounded work, by dynamic programming over the
+    candidates: never more work than ends every hidden / max_ranges units.
+    """
+    if len(sizes) > max_ranges:
+        align = min(align, -(-hidden // max_ranges))
+        cand = sorted({min(-(-s // align) * align, sizes[-1]) for s in sizes})
+        rows = [0] * len(cand)                    # rows whose size rounds up to each candidate
+        for s, c in zip(sizes, counts):
+            rows[bisect.bisect_left(cand, s)] += c
+        ends = cand if len(cand) <= max_ranges else _cheapest_ends(cand, rows, max_ranges)
+    else:
+        ends = sizes
+    above = list(itertools.accumulate(counts[::-1], initial=0))[::-1]   # rows with size >= sizes[i]
+    ranges = []
+    for lo, hi in zip([0] + ends[:-1], ends):
+        ranges.append((lo, hi, above[bisect.bisect_right(sizes, lo)], above[bisect.bisect_left(sizes, hi)]))
+    return ranges
+
+
+def _cheapest_ends(cand: list[int], rows: list[int], max_ranges: int) -> list[int]:
+    """At most `max_ranges` of the candidate ends, always the last, minimising the sum over
+    rows of the first chosen end at or past the row's candidate (`rows[k]` rows at cand[k]).
+
+    cost[g][k]: least work for the rows up to cand[k] with at most g + 1 ranges, the last
+    ending at cand[k]; a range (cand[i], cand[k]] costs cand[k] x its rows. [K, K] tensor
+    steps, so the plan costs well under a millisecond even for thousands of hidden units."""
+    K = len(cand)
+    end_K = torch.tensor(cand, dtype=torch.float64)
+    upto_K = torch.tensor(rows, dtype=torch.float64).cumsum(0)                # rows up to cand[k]
+    # span_KK[k, i]: a range from just past cand[i] to cand[k] (i < k)
+    span_KK = end_K[:, None] * (upto_K[:, None] - upto_K[None, :])
+    span_KK.masked_fill_(torch.ones(K, K, dtype=torch.bool).triu(), float("inf"))
+    cost_K = end_K * upto_K                                                   # one range
+    choices = []
+    for _ in range(max_ranges - 1):
+        split_KK = cost_K[None, :] + span_KK
+        best_K, prev_K = split_KK.min(dim=1)
+        better_K = best_K < cost_K
+        choices.append(torch.where(better_K, prev_K, -1))
+        cost_K = torch.where(better_K, best_K, cost_K)
+    ends, k = [cand[-1]], K - 1
+    for choice_K in reversed(choices):
+        i = int(choice_K[k])
+        if i >= 0:
+            ends.append(cand[i])
+            k = i
+    return ends[::-1]
 
 
 class SlimmableFFN(nn.Module):
@@ -58,37 +109,42 @@ class SlimmableFFN(nn.Module):
         return _RangedFFN.apply(x_ND, m_N, ranges, self.w_up, self.w_down, gate)
 
     def forward_slots(self, x_ND: torch.Tensor, m_N: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Each row at its own hidden size; rows with m = 0 are empty slots and stay zero.
-        Returns the output and the hidden units computed (summed over rows: FLOPs accounting).
+        """Each row at its own hidden size, rows in any order; rows with m = 0 are empty
+        slots and stay zero. Returns the output and the hidden units computed (summed over
+        rows: FLOPs accounting). Sorts the rows and runs `forward_sorted`."""
+        if x_ND.shape[0] and bool((m_N == m_N[0]).all()):
+            return self.forward_sorted(x_ND, m_N)                       # one width: no sort
+        m_sorted, order_N = torch.sort(m_N, descending=True, stable=True)
+        out_sorted, units = self.forward_sorted(x_ND.index_select(0, order_N), m_sorted)
+        return torch.zeros_like(out_sorted).index_copy(0, order_N, out_sorted), units
 
-        Rows are sorted widest first and the hidden units cut into ranges [lo, hi); range j
-        runs one up and one down product on the rows wider than lo (a prefix of the sorted
-        rows), with the units a row does not have zeroed. Ranges end at each distinct size
-        when there are at most MAX_RANGES of them (nothing to zero), else every
-        ceil(H / MAX_RANGES) units, so the work is the sum of the rows' sizes, each rounded
-        up to a range end: proportional to the executed widths, in a bounded number of
-        products whatever the number of distinct widths.
+    def forward_sorted(self, x_ND: torch.Tensor, m_N: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """`forward_slots` for rows already sorted widest first (m_N non-increasing), as the
+        MoE layer orders them: no sort and unsort of the rows here.
+
+        The hidden units are cut into at most MAX_RANGES ranges (`plan_ranges`); range
+        [lo, hi) runs one up and one down product on the rows wider than lo (a prefix of the
+        rows), with the units a row does not have zeroed. Work is the sum of the rows' sizes
+        each rounded up to a range end: proportional to the executed widths, in a bounded
+        number of products whatever the number of distinct widths.
         """
         N = x_ND.shape[0]
-        m_max = int(m_N.max()) if N else 0
-        if m_max == 0:
+        sizes_U, counts_U = torch.unique_consecutive(m_N, return_counts=True)
+        sizes, counts = (v[::-1] for v in torch.stack([sizes_U, counts_U]).tolist())   # one host sync
+        if any(a >= b for a, b in zip(sizes, sizes[1:])):
+            raise ValueError("forward_sorted: rows must be sorted widest first (m non-increasing)")
+        if sizes and sizes[0] == 0:
+            sizes, counts = sizes[1:], counts[1:]                        # empty slots
+        if not sizes:
             # No slot for this expert: still return an output that depends on its weights
             # (with zero gradient), so every rank reduces the same gradients and enters the
             # same backward all-to-alls whatever the routing did.
             return F.pad(self(x_ND[:0], 1), (0, 0, 0, N)), 0
-        if int(m_N.min()) == m_max:
-            return self(x_ND, m_max), N * m_max                         # every row, one width
-        m_sorted, order_N = torch.sort(m_N, descending=True, stable=True)
-        x_sorted = x_ND.index_select(0, order_N)
-        ends = range_ends(m_sorted, self.ffn_hidden_size)
-        starts = [0] + ends[:-1]
-        # rows reaching into each range, and rows covering it entirely (one host sync)
-        counts = torch.stack([(m_sorted > torch.tensor(starts, device=m_N.device)[:, None]).sum(1),
-                              (m_sorted >= torch.tensor(ends, device=m_N.device)[:, None]).sum(1)]).tolist()
-        ranges = list(zip(starts, ends, *counts))
-        out_sorted = self._ranged(x_sorted, m_sorted, ranges)
+        if counts == [N]:
+            return self(x_ND, sizes[0]), N * sizes[0]                   # every row, one width
+        ranges = plan_ranges(sizes, counts, self.ffn_hidden_size)
         units = sum(n * (hi - lo) for lo, hi, n, _ in ranges)
-        return torch.zeros_like(out_sorted).index_copy(0, order_N, out_sorted), units
+        return self._ranged(x_ND, m_N, ranges), units
 
     def forward_relaxed(self, x_ND: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
         """The differentiable relaxation of `forward_slots` used to calibrate gamma.

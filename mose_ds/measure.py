@@ -1,8 +1,8 @@
 """Timing and memory measurement for the benchmarks and the memory planner's checks.
 
-Timings are medians over repeats with the variants interleaved inside each repeat, so
-that drift of a shared, noisy machine (other jobs, frequency changes) hits every variant
-alike and ratios taken within one run stay meaningful. Memory is the process's resident
+Timings are taken with the variants interleaved inside each repeat, and ratios are medians
+of per-round ratios, so that drift of a shared, noisy machine (other jobs, frequency
+changes) hits every variant alike and ratios taken within one run stay meaningful. Memory is the process's resident
 set on CPU (run with MALLOC_MMAP_THRESHOLD_ low enough that freed tensors leave the
 process, so the resident peak follows live tensors) and the allocator's peak on CUDA.
 """
@@ -31,8 +31,9 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per variant, the variants alternating within each repeat."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each call, per variant, the variants alternating within each repeat:
+    sample i of every variant comes from the same round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -40,7 +41,18 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
     for _ in range(repeats):
         for key, fn in fns.items():
             samples[key].append(timed(fn))
+    return samples
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def paired_ratios(samples: dict[str, list[float]], reference: str) -> dict[str, float]:
+    """Median over rounds of each variant's time over the reference's in the same round, so
+    that the machine's speed drifting between rounds cancels out of the ratio."""
+    ref = samples[reference]
+    return {k: statistics.median(t / r for t, r in zip(v, ref)) for k, v in samples.items()}
 
 
 def resident() -> int:

@@ -121,10 +121,16 @@ class SlimmableMoE(MoE):
         w_TK = width_policy(p_TK, self.layer_index)
         m_TK = hidden_units(w_TK, self.ffn_hidden_size, self.moe.width_quantum)
 
-        # 3. Kept slots in expert-major order (positions keep priority order inside an expert).
+        # 3. Kept slots in expert-major order: widest first inside an expert on one rank (what
+        #    `forward_sorted` takes), capacity-slot order for the expert-parallel exchange.
         kept_N = keep_TK.reshape(-1).nonzero().squeeze(1)
         dest_N = (idx_TK * C + pos_TK).reshape(-1)[kept_N]              # row in an [E*C] buffer
-        order_N = torch.argsort(dest_N)
+        if self.ep_size == 1:
+            H = self.ffn_hidden_size
+            order_N = torch.argsort(idx_TK.reshape(-1)[kept_N] * (H + 1) + H - m_TK.reshape(-1)[kept_N],
+                                    stable=True)
+        else:
+            order_N = torch.argsort(dest_N)
         slot_S = kept_N[order_N]
         tok_S, dest_S = slot_S // K, dest_N[order_N]
         p_S, m_S = p_TK.reshape(-1)[slot_S], m_TK.reshape(-1)[slot_S]
@@ -140,7 +146,7 @@ class SlimmableMoE(MoE):
                                   zip(self.local_experts, x_SD.split(counts), w_S.split(counts))])
                 units = float(w_S.detach().float().sum()) * self.ffn_hidden_size
             else:
-                outs = [expert.forward_slots(x, m) for expert, x, m in
+                outs = [expert.forward_sorted(x, m) for expert, x, m in
                         zip(self.local_experts, x_SD.split(counts), m_S.split(counts))]
                 y_SD = torch.cat([y for y, _ in outs])
                 units = float(sum(u for _, u in outs))

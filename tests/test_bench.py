@@ -47,3 +47,10 @@ def test_bad_arguments_are_named(bench, capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert words in capsys.readouterr().err
+
+
+def test_ratios_pair_each_round_with_the_reference_of_the_same_round():
+    from mose_ds.measure import medians, paired_ratios
+    samples = {"ref": [1.0, 2.0, 3.0], "v": [0.5, 3.0, 1.5]}     # round 2 hit v by a slow spell
+    assert paired_ratios(samples, "ref") == {"ref": 1.0, "v": 0.5}
+    assert medians(samples) == {"ref": 2.0, "v": 1.5}

@@ -54,6 +54,11 @@ def test_forward_slots_runs_each_row_at_its_own_width_and_skips_empty_slots():
     for i in range(6):
         ref = torch.zeros(16) if m[i] == 0 else sliced_ffn(ffn, x[i:i + 1], int(m[i]))[0]
         torch.testing.assert_close(out[i], ref)
+    order = torch.sort(m, descending=True, stable=True).indices
+    sorted_out, _ = ffn.forward_sorted(x[order], m[order])
+    torch.testing.assert_close(sorted_out, out[order])
+    with pytest.raises(ValueError, match="sorted widest first"):
+        ffn.forward_sorted(x, m)
 
 
 def test_slicing_does_less_work_than_full_width():
@@ -69,8 +74,8 @@ def test_slicing_does_less_work_than_full_width():
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_forward_slots_with_many_widths_equals_a_per_row_loop_forward_and_backward(activation):
-    """More distinct widths than MAX_RANGES: ranges of H / MAX_RANGES units with the units past
-    a row's own size zeroed; output and every gradient as a per-row loop computes them."""
+    """More distinct widths than MAX_RANGES: planned ranges with the units past a row's own
+    size zeroed; output and every gradient as a per-row loop computes them."""
     from mose_ds.experts import MAX_RANGES
     ffn = make(activation, D=16, H=96)
     gen = torch.Generator().manual_seed(1)
@@ -90,8 +95,8 @@ def test_forward_slots_with_many_widths_equals_a_per_row_loop_forward_and_backwa
 
 def test_forward_slots_work_follows_the_executed_widths():
     """FLOPs of the ranged execution: at least those of each row at its own size, at most
-    those of each row rounded up to its range end (H / MAX_RANGES units), and exactly the
-    units it reports to the FLOPs accounting."""
+    those of each row rounded up to a multiple of H / MAX_RANGES (the planned ends do no
+    worse than an even split), and exactly the units it reports to the FLOPs accounting."""
     from mose_ds.flops import flop_counter
     from mose_ds.experts import MAX_RANGES
     D, H = 16, 128
@@ -105,6 +110,30 @@ def test_forward_slots_work_follows_the_executed_widths():
     assert exact <= counter.get_total_flops() <= rounded
     assert counter.get_total_flops() == 2 * 2 * D * units
     assert counter.get_total_flops() < 0.6 * 2 * 2 * D * H * 200     # widths average ~0.5
+
+
+def test_planned_ranges_are_the_cheapest_aligned_ends():
+    """plan_ranges against every choice of at most MAX_RANGES candidate ends (brute force):
+    the same least work, the last end at the largest size, and row counts per range."""
+    import itertools
+    from mose_ds.experts import plan_ranges
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        H, max_ranges, align = 256, 3, 16
+        m = torch.randint(1, H + 1, (int(torch.randint(4, 40, (1,), generator=gen)),), generator=gen)
+        sizes, counts = (v.tolist() for v in torch.unique(m, return_counts=True))
+        ranges = plan_ranges(sizes, counts, H, max_ranges, align)
+        work = sum(n * (hi - lo) for lo, hi, n, _ in ranges)
+        cand = sorted({min(-(-s // align) * align, sizes[-1]) for s in sizes})
+        def cost(ends):
+            return sum(min(e for e in ends if e >= s) for s in m.tolist())
+        best = min(cost(c + (cand[-1],)) for r in range(max_ranges)
+                   for c in itertools.combinations(cand[:-1], r))
+        assert work == (best if len(sizes) > max_ranges else int(m.sum()))
+        assert len(ranges) <= max_ranges and ranges[-1][1] == sizes[-1] and ranges[0][0] == 0
+        for lo, hi, n, full in ranges:
+            assert n == int((m > lo).sum()) and full == int((m >= hi).sum())
+            assert hi == sizes[-1] or hi % align == 0 or hi in sizes
 
 
 def test_width_quantum_rounds_hidden_units_up():

@@ -9,9 +9,10 @@ timed, not a loss):
   (d) ours with per-token widths from the normalised-probability policy (--budgets)
   (e) masking: every slot computes all H hidden units and those past its width are zeroed
       (the per-token widths of (d))
-For each: median time (variants interleaved), and for (c)-(e) the time over (b)'s next to the
-mean executed width and the counted FLOPs ratio; peak memory of each variant in a fresh
-process, and of (b) at each of --memory-tokens (how memory grows with tokens).
+For each: median time (variants interleaved), and for (c)-(e) the time over (b)'s (median of
+per-round ratios) next to the mean executed width and the counted FLOPs ratio; peak memory of
+each variant in a fresh process, and of (b) at each of --memory-tokens (how memory grows with
+tokens).
 Training step: a two-pass step (full + width w) over a single full-width step, next to the
 ratio predicted from FLOPs.
 
@@ -51,6 +52,8 @@ class MaskedFFN(SlimmableFFN):
         H = self.ffn_hidden_size
         mask_NH = (torch.arange(H, device=x_ND.device) < m_N[:, None]).to(x_ND.dtype)
         return (self._hidden(x_ND, 0, H) * mask_NH) @ self.w_down, x_ND.shape[0] * H
+
+    forward_sorted = forward_slots
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,13 +145,14 @@ def layer_benchmark(args, device, dtype) -> dict:
     fns = {n: step_fn(n, layers[layer_kind(n)], x, grad_out, units) for n in names}
     flops = {n: forward_flops(n, layers[layer_kind(n)], x) for n in names}
     say(f"timing {len(names)} variants x {args.repeats} repeats (interleaved) ...")
-    seconds = measure.interleaved(fns, args.repeats)
+    samples = measure.interleaved(fns, args.repeats)
+    seconds, ratio = measure.medians(samples), measure.paired_ratios(samples, "full")
     full_s, full_units, full_flops = seconds["full"], units["full"][0], flops["full"]
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in args.device_name), None)
     rows = []
     for n in names:
         tflops = 3 * flops[n] / seconds[n] / 1e12          # forward + backward ~ 3 x forward
-        row = {"variant": n, "seconds": seconds[n], "time_ratio": seconds[n] / full_s,
+        row = {"variant": n, "seconds": seconds[n], "time_ratio": ratio[n],
                "flops_ratio": flops[n] / full_flops, "tflops": tflops,
                "peak_fraction": tflops / peak if peak else None}
         if n in units:   # hidden units computed (range rounding included) over full width's
@@ -158,8 +162,8 @@ def layer_benchmark(args, device, dtype) -> dict:
             row["target"] = row["executed_width"] + 0.10
             row["ok"] = row["time_ratio"] <= row["target"]
         rows.append(row)
-    return {"layer": rows, "full_vs_deepspeed": {"time_ratio": full_s / seconds["deepspeed"],
-                                                 "ok": full_s <= seconds["deepspeed"]}}
+    vs_deepspeed = 1 / ratio["deepspeed"]
+    return {"layer": rows, "full_vs_deepspeed": {"time_ratio": vs_deepspeed, "ok": vs_deepspeed <= 1}}
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,12 +252,13 @@ def step_benchmark(args) -> dict:
     for w in args.step_widths:
         fns[f"two_w{w:g}"] = (lambda w=w: train_micro_batch(engine, cfg, x, y, w))
     say(f"timing the training step: single and {len(args.step_widths)} two-pass widths ...")
-    t = measure.interleaved(fns, args.repeats)
+    samples = measure.interleaved(fns, args.repeats)
+    t, ratio = measure.medians(samples), measure.paired_ratios(samples, "single")
     n_tokens = args.micro_batch * args.seq_len
     full_flops = 3 * forward_flops_per_token(cfg.model, cfg.moe, 1.0)["total"]   # forward + backward
     rows = []
     for w in args.step_widths:
-        measured = t[f"two_w{w:g}"] / t["single"]
+        measured = ratio[f"two_w{w:g}"]
         predicted = two_pass_cost_ratio(cfg.model, cfg.moe, w)
         rows.append({"width": w, "measured": measured, "predicted": predicted,
                      "measured_over_predicted": measured / predicted, "ok": measured <= 1.05 * predicted,
@@ -298,7 +303,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--step-widths", type=floats, default=[0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7, help="timing rounds (variants interleaved)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s for utilisation (default: known GPUs, dense bf16)")
