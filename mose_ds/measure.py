@@ -2,9 +2,10 @@
 
 Timings are taken with the variants interleaved inside each repeat, and ratios are medians
 of per-round ratios, so that drift of a shared, noisy machine (other jobs, frequency
-changes) hits every variant alike and ratios taken within one run stay meaningful. Memory is the process's resident
-set on CPU (run with MALLOC_MMAP_THRESHOLD_ low enough that freed tensors leave the
-process, so the resident peak follows live tensors) and the allocator's peak on CUDA.
+changes) hits every variant alike and ratios taken within one run stay meaningful. Memory
+is the process's resident set on CPU (run with MALLOC_MMAP_THRESHOLD_ low enough that freed
+tensors leave the process, so the resident peak follows live tensors) and the allocator's
+peak on CUDA.
 """
 
 from __future__ import annotations

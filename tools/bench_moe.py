@@ -147,7 +147,7 @@ def layer_benchmark(args, device, dtype) -> dict:
     say(f"timing {len(names)} variants x {args.repeats} repeats (interleaved) ...")
     samples = measure.interleaved(fns, args.repeats)
     seconds, ratio = measure.medians(samples), measure.paired_ratios(samples, "full")
-    full_s, full_units, full_flops = seconds["full"], units["full"][0], flops["full"]
+    full_units, full_flops = units["full"][0], flops["full"]
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in args.device_name), None)
     rows = []
     for n in names:
