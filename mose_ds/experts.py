@@ -8,9 +8,6 @@ hidden-major ([H, D]) so every slice is a contiguous block of rows.
 
 from __future__ import annotations
 
-import bisect
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,11 +19,11 @@ RANGE_ALIGN = 64   # range ends fall on multiples of this many units (but the la
                    # whose inner or outer size is a multiple of the BLAS/GEMM tile run at full speed
 
 
-def plan_ranges(sizes: list[int], counts: list[int], hidden: int, max_ranges: int = MAX_RANGES,
+def plan_ranges(sizes, counts, hidden: int, max_ranges: int = MAX_RANGES,
                 align: int = RANGE_ALIGN) -> list[tuple[int, int, int, int]]:
     """The hidden-unit ranges `forward_sorted` runs for rows with these distinct positive
-    sizes (ascending) and row counts: (lo, hi, n, full) per range, units lo..hi-1 running on
-    the n widest rows, of which the `full` widest have all of them.
+    sizes (ascending) and row counts (host tensors or lists): (lo, hi, n, full) per range,
+    units lo..hi-1 running on the n widest rows, of which the `full` widest have all of them.
 
     A row computes every range up to the first end at or past its size, so the work is each
     row's size rounded up to a range end. With at most `max_ranges` sizes the ends are the
@@ -35,50 +32,48 @@ def plan_ranges(sizes: list[int], counts: list[int], hidden: int, max_ranges: in
     largest size) that minimise the total rounded work, by dynamic programming over the
     candidates: never more work than ends every hidden / max_ranges units.
     """
-    if len(sizes) > max_ranges:
+    sizes_U, counts_U = torch.as_tensor(sizes), torch.as_tensor(counts)
+    if len(sizes_U) > max_ranges:
         align = min(align, -(-hidden // max_ranges))
-        cand = sorted({min(-(-s // align) * align, sizes[-1]) for s in sizes})
-        rows = [0] * len(cand)                    # rows whose size rounds up to each candidate
-        for s, c in zip(sizes, counts):
-            rows[bisect.bisect_left(cand, s)] += c
-        ends = cand if len(cand) <= max_ranges else _cheapest_ends(cand, rows, max_ranges)
+        rounded_U = ((sizes_U + align - 1) // align * align).clamp(max=int(sizes_U[-1]))
+        cand_K, slot_U = torch.unique(rounded_U, return_inverse=True)
+        rows_K = torch.zeros_like(cand_K).index_add_(0, slot_U, counts_U)   # rows at each candidate
+        ends_R = cand_K if len(cand_K) <= max_ranges else _cheapest_ends(cand_K, rows_K, max_ranges)
     else:
-        ends = sizes
-    above = list(itertools.accumulate(counts[::-1], initial=0))[::-1]   # rows with size >= sizes[i]
-    ranges = []
-    for lo, hi in zip([0] + ends[:-1], ends):
-        ranges.append((lo, hi, above[bisect.bisect_right(sizes, lo)], above[bisect.bisect_left(sizes, hi)]))
-    return ranges
+        ends_R = sizes_U
+    starts_R = torch.cat([ends_R.new_zeros(1), ends_R[:-1]])
+    above_U = torch.cat([counts_U.flip(0).cumsum(0).flip(0), counts_U.new_zeros(1)])  # rows >= sizes[u]
+    n_R = above_U[torch.searchsorted(sizes_U, starts_R, right=True)]                 # rows wider than lo
+    full_R = above_U[torch.searchsorted(sizes_U, ends_R)]                             # rows reaching hi
+    return list(zip(*(v.tolist() for v in (starts_R, ends_R, n_R, full_R))))
 
 
-def _cheapest_ends(cand: list[int], rows: list[int], max_ranges: int) -> list[int]:
+def _cheapest_ends(cand_K: torch.Tensor, rows_K: torch.Tensor, max_ranges: int) -> torch.Tensor:
     """At most `max_ranges` of the candidate ends, always the last, minimising the sum over
-    rows of the first chosen end at or past the row's candidate (`rows[k]` rows at cand[k]).
+    rows of the first chosen end at or past the row's candidate (`rows_K[k]` rows at cand_K[k]).
 
     cost[g][k]: least work for the rows up to cand[k] with at most g + 1 ranges, the last
-    ending at cand[k]; a range (cand[i], cand[k]] costs cand[k] x its rows. [K, K] tensor
-    steps, so the plan costs well under a millisecond even for thousands of hidden units."""
-    K = len(cand)
-    end_K = torch.tensor(cand, dtype=torch.float64)
-    upto_K = torch.tensor(rows, dtype=torch.float64).cumsum(0)                # rows up to cand[k]
+    ending at cand[k]; a range (cand[i], cand[k]] costs cand[k] x its rows. A few [K, K]
+    tensor steps (K <= hidden / align + 1)."""
+    K = len(cand_K)
+    end_K = cand_K.double()
+    upto_K = rows_K.double().cumsum(0)                                        # rows up to cand[k]
     # span_KK[k, i]: a range from just past cand[i] to cand[k] (i < k)
     span_KK = end_K[:, None] * (upto_K[:, None] - upto_K[None, :])
     span_KK.masked_fill_(torch.ones(K, K, dtype=torch.bool).triu(), float("inf"))
     cost_K = end_K * upto_K                                                   # one range
     choices = []
     for _ in range(max_ranges - 1):
-        split_KK = cost_K[None, :] + span_KK
-        best_K, prev_K = split_KK.min(dim=1)
+        best_K, prev_K = (cost_K[None, :] + span_KK).min(dim=1)
         better_K = best_K < cost_K
-        choices.append(torch.where(better_K, prev_K, -1))
+        choices.append(torch.where(better_K, prev_K, -1).tolist())
         cost_K = torch.where(better_K, best_K, cost_K)
-    ends, k = [cand[-1]], K - 1
-    for choice_K in reversed(choices):
-        i = int(choice_K[k])
-        if i >= 0:
-            ends.append(cand[i])
-            k = i
-    return ends[::-1]
+    picked, k = [K - 1], K - 1
+    for choice in reversed(choices):
+        if choice[k] >= 0:
+            k = choice[k]
+            picked.append(k)
+    return cand_K[picked[::-1]]
 
 
 class SlimmableFFN(nn.Module):
@@ -130,19 +125,20 @@ class SlimmableFFN(nn.Module):
         """
         N = x_ND.shape[0]
         sizes_U, counts_U = torch.unique_consecutive(m_N, return_counts=True)
-        sizes, counts = (v[::-1] for v in torch.stack([sizes_U, counts_U]).tolist())   # one host sync
-        if any(a >= b for a, b in zip(sizes, sizes[1:])):
+        sizes_U, counts_U = torch.stack([sizes_U, counts_U]).cpu().flip(1)    # ascending; one host sync
+        if bool((sizes_U[1:] <= sizes_U[:-1]).any()):
             raise ValueError("forward_sorted: rows must be sorted widest first (m non-increasing)")
-        if sizes and sizes[0] == 0:
-            sizes, counts = sizes[1:], counts[1:]                        # empty slots
-        if not sizes:
+        if len(sizes_U) and sizes_U[0] == 0:
+            sizes_U, counts_U = sizes_U[1:], counts_U[1:]                # empty slots
+        if not len(sizes_U):
             # No slot for this expert: still return an output that depends on its weights
             # (with zero gradient), so every rank reduces the same gradients and enters the
             # same backward all-to-alls whatever the routing did.
             return F.pad(self(x_ND[:0], 1), (0, 0, 0, N)), 0
-        if counts == [N]:
-            return self(x_ND, sizes[0]), N * sizes[0]                   # every row, one width
-        ranges = plan_ranges(sizes, counts, self.ffn_hidden_size)
+        if len(sizes_U) == 1 and counts_U[0] == N:
+            m = int(sizes_U[0])
+            return self(x_ND, m), N * m                                 # every row, one width
+        ranges = plan_ranges(sizes_U, counts_U, self.ffn_hidden_size)
         units = sum(n * (hi - lo) for lo, hi, n, _ in ranges)
         return self._ranged(x_ND, m_N, ranges), units
 
