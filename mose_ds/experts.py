@@ -15,8 +15,8 @@ from torch import nn
 from .widths import hidden_units
 
 MAX_RANGES = 8     # hidden-unit ranges (product pairs) per expert call
-RANGE_ALIGN = 64   # range ends fall on multiples of this many units (but the last): products
-                   # whose inner or outer size is a multiple of the BLAS/GEMM tile run at full speed
+RANGE_ALIGN = 64   # range ends fall on multiples of this many units (but the last), so the
+                   # products' inner and outer sizes stay multiples of the GEMM kernels' tiles
 
 
 def plan_ranges(sizes, counts, hidden: int, max_ranges: int = MAX_RANGES,
@@ -107,8 +107,6 @@ class SlimmableFFN(nn.Module):
         """Each row at its own hidden size, rows in any order; rows with m = 0 are empty
         slots and stay zero. Returns the output and the hidden units computed (summed over
         rows: FLOPs accounting). Sorts the rows and runs `forward_sorted`."""
-        if x_ND.shape[0] and bool((m_N == m_N[0]).all()):
-            return self.forward_sorted(x_ND, m_N)                       # one width: no sort
         m_sorted, order_N = torch.sort(m_N, descending=True, stable=True)
         out_sorted, units = self.forward_sorted(x_ND.index_select(0, order_N), m_sorted)
         return torch.zeros_like(out_sorted).index_copy(0, order_N, out_sorted), units
@@ -162,7 +160,7 @@ class SlimmableFFN(nn.Module):
 
 
 class _RangedFFN(torch.autograd.Function):
-    """The hidden-unit ranges of `SlimmableFFN.forward_slots`, forward and backward by hand.
+    """The hidden-unit ranges of `SlimmableFFN.forward_sorted`, forward and backward by hand.
 
     Written out because autograd's backward of a weight slice `w[lo:hi]` materialises a
     zero [H, D] gradient per range and adds it to the total (one full weight gradient per
