@@ -112,9 +112,12 @@ class MoEConfig:
     expert_parallel_size: int = 1
     shared_slimmable: bool = False     # DeepSeek shared experts follow the routed widths
     width_quantum: int = 1             # executed hidden units rounded up to a multiple of this
+    expert_kernel: str = "auto"        # loop | grouped | auto (grouped.auto_picks_grouped)
 
     def __post_init__(self):
         _positive(self, "num_experts", "top_k", "expert_parallel_size", "width_quantum")
+        if self.expert_kernel not in ("auto", "loop", "grouped"):
+            raise ConfigError(f"moe.expert_kernel={self.expert_kernel!r}: expected auto, loop or grouped")
         if self.top_k > self.num_experts:
             raise ConfigError(f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}")
         if self.num_experts % self.expert_parallel_size:
@@ -313,6 +316,14 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        if self.moe.expert_kernel == "grouped":
+            from .grouped import GRANULE
+            sizes = (self.model.hidden_size, self.model.expert_hidden_size)
+            if any(size % GRANULE for size in sizes):
+                raise ConfigError(f"moe.expert_kernel=grouped needs model.hidden_size ({sizes[0]}) and the expert "
+                                  f"hidden size ({sizes[1]}) to be multiples of {GRANULE}")
 
     @property
     def checkpoint_dir(self) -> str:

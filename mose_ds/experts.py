@@ -24,28 +24,35 @@ def plan_ranges(sizes, counts, hidden: int, max_ranges: int = MAX_RANGES,
     """The hidden-unit ranges `forward_sorted` runs for rows with these distinct positive
     sizes (ascending) and row counts (host tensors or lists): (lo, hi, n, full) per range,
     units lo..hi-1 running on the n widest rows, of which the `full` widest have all of them.
-
-    A row computes every range up to the first end at or past its size, so the work is each
-    row's size rounded up to a range end. With at most `max_ranges` sizes the ends are the
-    sizes (nothing wasted); otherwise they are the `max_ranges` candidate ends (each size
-    rounded up to `align` units, or to hidden / max_ranges when that is finer, and the
-    largest size) that minimise the total rounded work, by dynamic programming over the
-    candidates: never more work than ends every hidden / max_ranges units.
-    """
+    The range ends are `plan_ends`."""
     sizes_U, counts_U = torch.as_tensor(sizes), torch.as_tensor(counts)
-    if len(sizes_U) > max_ranges:
-        align = min(align, -(-hidden // max_ranges))
-        rounded_U = ((sizes_U + align - 1) // align * align).clamp(max=int(sizes_U[-1]))
-        cand_K, slot_U = torch.unique(rounded_U, return_inverse=True)
-        rows_K = torch.zeros_like(cand_K).index_add_(0, slot_U, counts_U)   # rows at each candidate
-        ends_R = cand_K if len(cand_K) <= max_ranges else _cheapest_ends(cand_K, rows_K, max_ranges)
-    else:
-        ends_R = sizes_U
+    ends_R = plan_ends(sizes_U, counts_U, hidden, max_ranges, align)
     starts_R = torch.cat([ends_R.new_zeros(1), ends_R[:-1]])
     above_U = torch.cat([counts_U.flip(0).cumsum(0).flip(0), counts_U.new_zeros(1)])  # rows >= sizes[u]
     n_R = above_U[torch.searchsorted(sizes_U, starts_R, right=True)]                 # rows wider than lo
     full_R = above_U[torch.searchsorted(sizes_U, ends_R)]                             # rows reaching hi
     return list(zip(*(v.tolist() for v in (starts_R, ends_R, n_R, full_R))))
+
+
+def plan_ends(sizes_U: torch.Tensor, counts_U: torch.Tensor, hidden: int, max_ranges: int = MAX_RANGES,
+              align: int = RANGE_ALIGN, granule: int = 1) -> torch.Tensor:
+    """At most `max_ranges` ascending ends for rows with these distinct positive sizes
+    (ascending, host tensor) and row counts; a row computes units up to the first end at or
+    past its size, so the work is each row's size rounded up to an end.
+
+    With at most `max_ranges` sizes the ends are the sizes (nothing wasted); otherwise they
+    are the `max_ranges` candidate ends (each size rounded up to `align` units, or to
+    hidden / max_ranges when that is finer, and the largest size) that minimise the total
+    rounded work, by dynamic programming over the candidates: never more work than ends
+    every hidden / max_ranges units. `granule`: the candidates' rounding stays a multiple
+    of it (the grouped kernel's 16-byte strides)."""
+    if len(sizes_U) <= max_ranges:
+        return sizes_U
+    align = -(-min(align, -(-hidden // max_ranges)) // granule) * granule
+    rounded_U = ((sizes_U + align - 1) // align * align).clamp(max=int(sizes_U[-1]))
+    cand_K, slot_U = torch.unique(rounded_U, return_inverse=True)
+    rows_K = torch.zeros_like(cand_K).index_add_(0, slot_U, counts_U)   # rows at each candidate
+    return cand_K if len(cand_K) <= max_ranges else _cheapest_ends(cand_K, rows_K, max_ranges)
 
 
 def _cheapest_ends(cand_K: torch.Tensor, rows_K: torch.Tensor, max_ranges: int) -> torch.Tensor:

@@ -29,13 +29,20 @@ CONVENTIONS = ("paper", "standard")
 
 
 def flop_counter():
-    """torch's FlopCounterMode (no display), also counting `addmm_`: the experts accumulate
-    their range products in place, and torch's registry knows only the out-of-place addmm."""
+    """torch's FlopCounterMode (no display), also counting `addmm_` (the per-expert kernel
+    accumulates its range products in place, and torch's registry knows only the out-of-place
+    addmm) and `_grouped_mm` (the grouped kernel; not in torch's registry)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     def addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops})
+
+    def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        # a [n, K] x b [E, K, N] (each row with its group's matrix), or a [U, n] x b [n, D]
+        # (each group's rows reduced): 2 a0 a1 b[-1] either way
+        return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops,
+                                                          torch.ops.aten._grouped_mm: grouped_mm_flops})
 
 
 def flops_per_token(model: ModelConfig, moe: MoEConfig, units_per_token: Sequence[float],

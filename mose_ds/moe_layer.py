@@ -9,8 +9,9 @@ the expert-parameter tags) but replace its gate and its einsum dispatch:
 
 * the gate (`Router`) is fp32, bias-free, softmax over the top-k logits, no sampling noise;
 * dispatch is index-based: kept (token, expert) slots are gathered in expert-major order,
-  each with its own hidden size m(w). On one rank every expert runs its contiguous segment;
-  with expert parallelism the slots are packed into flat `[E * C, D]` capacity blocks that
+  each with its own hidden size m(w). On one rank every expert runs its contiguous segment
+  (or, with the grouped kernel, all experts run together on slots laid out by width bucket
+  and expert: `grouped.py`); with expert parallelism the slots are packed into flat `[E * C, D]` capacity blocks that
   cross ranks, with their hidden sizes, through DeepSpeed's all-to-all over its
   expert-parallel group. Results are combined with `index_add`. Nothing is ever
   `[T, E, C]`: memory grows linearly with tokens.
@@ -31,6 +32,7 @@ from deepspeed.moe.sharded_moe import _AllToAll
 from torch import nn
 
 from .config import MoEConfig
+from . import grouped
 from .experts import SlimmableFFN
 from .gating import (RouterSpec, RoutingStats, assign_slots, expert_capacity, load_balance_loss,
                      router_z_loss, routing_stats, sequence_balance_loss, top_k_routing)
@@ -91,6 +93,15 @@ class SlimmableMoE(MoE):
         self.k = moe.top_k
         self.ffn_hidden_size = ffn_hidden_size
         self.layer_index = layer_index   # index among MoE layers, passed to width policies
+        if moe.expert_kernel == "grouped" and not grouped.supported(config.hidden_size, ffn_hidden_size):
+            raise ValueError(f"moe.expert_kernel=grouped needs torch._grouped_mm and hidden sizes that are "
+                             f"multiples of {grouped.GRANULE}: model {config.hidden_size}, expert {ffn_hidden_size}")
+
+    def uses_grouped_kernel(self, x: torch.Tensor) -> bool:
+        """moe.expert_kernel for inputs like x, `auto` resolved (`grouped.auto_picks_grouped`)."""
+        if self.moe.expert_kernel == "auto":
+            return grouped.auto_picks_grouped(x.device, x.dtype, x.shape[-1], self.ffn_hidden_size)
+        return self.moe.expert_kernel == "grouped"
 
     @property
     def router(self) -> Router:
@@ -121,24 +132,31 @@ class SlimmableMoE(MoE):
         w_TK = width_policy(p_TK, self.layer_index)
         m_TK = hidden_units(w_TK, self.ffn_hidden_size, self.moe.width_quantum)
 
-        # 3. Kept slots in expert-major order: widest first inside an expert on one rank (what
-        #    `forward_sorted` takes), capacity-slot order for the expert-parallel exchange.
+        # 3. Kept slots in expert-major order, for one rank: widest first inside an expert (what
+        #    `forward_sorted` takes) or the grouped kernel's layout (buckets of widths, then
+        #    experts); capacity-slot order for the expert-parallel exchange.
         kept_N = keep_TK.reshape(-1).nonzero().squeeze(1)
         dest_N = (idx_TK * C + pos_TK).reshape(-1)[kept_N]              # row in an [E*C] buffer
-        if self.ep_size == 1:
-            H = self.ffn_hidden_size
+        relaxed = getattr(width_policy, "relaxed", False)
+        use_grouped = self.uses_grouped_kernel(x_TD) and not relaxed
+        H = self.ffn_hidden_size
+        if self.ep_size > 1:
+            order_N = torch.argsort(dest_N)
+        elif use_grouped:
+            layout = grouped.plan_layout(idx_TK.reshape(-1)[kept_N], m_TK.reshape(-1)[kept_N], E, H)
+            order_N = layout.order_N
+        else:
             order_N = torch.argsort(idx_TK.reshape(-1)[kept_N] * (H + 1) + H - m_TK.reshape(-1)[kept_N],
                                     stable=True)
-        else:
-            order_N = torch.argsort(dest_N)
         slot_S = kept_N[order_N]
         tok_S, dest_S = slot_S // K, dest_N[order_N]
         p_S, m_S = p_TK.reshape(-1)[slot_S], m_TK.reshape(-1)[slot_S]
         x_SD = x_TD.index_select(0, tok_S)
 
         # 4. Experts, on this rank or across the expert-parallel group.
-        relaxed = getattr(width_policy, "relaxed", False)
-        if self.ep_size == 1:
+        if self.ep_size == 1 and use_grouped:
+            y_SD, units = grouped.grouped_ffn(self.local_experts, x_SD, m_S, layout), float(layout.units)
+        elif self.ep_size == 1:
             counts = torch.bincount(idx_TK.reshape(-1)[slot_S], minlength=E).tolist()
             if relaxed:   # the relaxation executes w * H units in expectation, not ceil(w * H)
                 w_S = w_TK.reshape(-1)[slot_S]
@@ -153,7 +171,7 @@ class SlimmableMoE(MoE):
         elif relaxed:
             raise RuntimeError("relaxed width policies (gamma calibration) run with expert_parallel_size=1")
         else:
-            y_SD, units = self._run_expert_parallel(x_SD, m_S, dest_S, C)
+            y_SD, units = self._run_expert_parallel(x_SD, m_S, dest_S, C, use_grouped)
 
         # 5. Combine: out_t = sum over the token's kept slots of p * expert output.
         y_SD = y_SD * p_S.to(y_SD.dtype).unsqueeze(1)
@@ -178,7 +196,7 @@ class SlimmableMoE(MoE):
         return out_TD, float(units)
 
     def _run_expert_parallel(self, x_SD: torch.Tensor, m_S: torch.Tensor, dest_S: torch.Tensor,
-                             C: int) -> tuple[torch.Tensor, float]:
+                             C: int, use_grouped: bool) -> tuple[torch.Tensor, float]:
         """Pack slots into `[E * C]` capacity blocks, all-to-all them (with their hidden sizes)
         to the ranks owning their experts, run them, and bring results back in slot order.
         Also returns the hidden units this rank executed (for whichever rank's tokens).
@@ -196,11 +214,20 @@ class SlimmableMoE(MoE):
         x_XD = _AllToAll.apply(group, x_XD)
         m_recv = torch.empty_like(m_X)
         dist.all_to_all_single(m_recv, m_X, group=group)
-        # unbind (not x[:, j]) so that backward stacks once instead of zero-filling per expert
-        x_L = x_XD.view(R, L, C, D).unbind(1)                            # L x [R, C, D]
-        m_L = m_recv.view(R, L, C).unbind(1)
-        outs = [expert.forward_slots(x_L[j].reshape(R * C, D), m_L[j].reshape(R * C))
-                for j, expert in enumerate(self.local_experts)]
-        y_RLCD = torch.stack([y.view(R, C, D) for y, _ in outs], dim=1)
-        y_XD = _AllToAll.apply(group, y_RLCD.reshape(R * L * C, D))
-        return y_XD.index_select(0, dest_S), float(sum(u for _, u in outs))
+        if use_grouped:   # the received rows in the grouped layout, and back
+            e_X = torch.arange(L, device=x_XD.device).view(1, L, 1).expand(R, L, C).reshape(-1)
+            layout = grouped.plan_layout(e_X, m_recv, L, self.ffn_hidden_size)
+            y_sorted = grouped.grouped_ffn(self.local_experts, x_XD.index_select(0, layout.order_N),
+                                           m_recv[layout.order_N], layout)
+            y_XD = torch.zeros_like(y_sorted).index_copy(0, layout.order_N, y_sorted)
+            units = layout.units
+        else:
+            # unbind (not x[:, j]) so that backward stacks once instead of zero-filling per expert
+            x_L = x_XD.view(R, L, C, D).unbind(1)                        # L x [R, C, D]
+            m_L = m_recv.view(R, L, C).unbind(1)
+            outs = [expert.forward_slots(x_L[j].reshape(R * C, D), m_L[j].reshape(R * C))
+                    for j, expert in enumerate(self.local_experts)]
+            y_XD = torch.stack([y.view(R, C, D) for y, _ in outs], dim=1).reshape(R * L * C, D)
+            units = sum(u for _, u in outs)
+        y_XD = _AllToAll.apply(group, y_XD)
+        return y_XD.index_select(0, dest_S), float(units)

@@ -1,5 +1,5 @@
-"""Run under torchrun by test_distributed.py: one step on this rank's shard of a fixed global
-batch through three branches (full width, a sampled uniform width, per-token widths from the
+"""Run under torchrun by test_distributed.py: one step (expert kernel as given) on this rank's
+shard of a fixed global batch through three branches (full width, a sampled uniform width, per-token widths from the
 normalised-probability policy); rank 0 writes the mean LM losses, the full gradients
 (experts by global index) and the widths every rank sampled."""
 
@@ -20,10 +20,11 @@ from mose_ds.widths import FULL_WIDTH, normprob_policy, sample_width, uniform_po
 GLOBAL_BATCH = 4
 
 
-def main(out: str, ep: int, zero: int) -> None:
+def main(out: str, ep: int, zero: int, kernel: str) -> None:
     engine_lib.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = tiny_config(moe={"expert_parallel_size": ep, "drop_tokens": False, "load_balance_coef": 0.0},
+    cfg = tiny_config(moe={"expert_parallel_size": ep, "drop_tokens": False, "load_balance_coef": 0.0,
+                           "expert_kernel": kernel},
                       engine={"zero_stage": zero}, train={"micro_batch_size": GLOBAL_BATCH // world})
     model = engine_lib.build_model(cfg)
     engine = engine_lib.create_engine(cfg, model)
@@ -60,4 +61,4 @@ def main(out: str, ep: int, zero: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

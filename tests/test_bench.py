@@ -17,8 +17,13 @@ def test_layer_and_step_report_every_variant(world, bench):
                              "--step-widths", "0.5"])
     result = bench.run(args)
     rows = {r["variant"]: r for r in result["layer"]}
-    assert set(rows) == {"deepspeed", "full", "uniform_0.25", "normprob_1", "masked_1"}
+    assert set(rows) == {"deepspeed", "full", "uniform_0.25", "normprob_1", "masked_1",
+                         "grouped_full", "grouped_normprob_1"}           # (f): the other expert kernel
+    assert result["kernels"] == {"kernel": "loop", "other": "grouped"}
     assert all(r["seconds"] > 0 for r in rows.values())
+    assert rows["grouped_full"]["executed_width"] == 1.0 and rows["grouped_full"]["flops_ratio"] == 1.0
+    assert rows["grouped_normprob_1"]["policy_width"] == rows["normprob_1"]["policy_width"]
+    assert rows["grouped_normprob_1"]["vs_kernel"] > 0 and "target" not in rows["grouped_normprob_1"]
     # counted FLOPs follow the executed widths (the router adds a little); masking runs everything
     assert rows["uniform_0.25"]["executed_width"] == 0.25
     assert 0.25 < rows["uniform_0.25"]["flops_ratio"] < 0.27
@@ -35,7 +40,7 @@ def test_peak_memory_grows_linearly_and_stays_below_deepspeed(world, bench):
                              "--widths", "", "--budgets", ""])
     result = bench.memory_benchmark(args)
     assert [(r["variant"], r["tokens"]) for r in result["memory"]] == [
-        ("deepspeed", 2048), ("full", 2048), ("full", 8192)]
+        ("deepspeed", 2048), ("full", 2048), ("grouped_full", 2048), ("full", 8192)]
     growth = result["memory_growth"]
     assert 3.0 < growth["peak_ratio"] <= growth["limit"] == 4.5
     assert result["full_vs_deepspeed_memory"]["ok"]
@@ -43,7 +48,8 @@ def test_peak_memory_grows_linearly_and_stays_below_deepspeed(world, bench):
 
 def test_bad_arguments_are_named(bench, capsys):
     for argv, words in ((["--budgets", "2.5"], "--budgets"), (["--widths", "1.5"], "--widths"),
-                        (["--skip", "layers"], "--skip layers"), (["--tokens", "1001"], "multiples of 8")):
+                        (["--skip", "layers"], "--skip layers"), (["--tokens", "1001"], "multiples of 8"),
+                        (["--kernel", "grouped", "--hidden", "36"], "--hidden 36")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert words in capsys.readouterr().err

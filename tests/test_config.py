@@ -45,6 +45,14 @@ def test_non_positive_capacity_factor_is_refused(key):
         from_dict(tiny_raw(moe={key: 0.0}))
 
 
+def test_expert_kernel_is_checked():
+    with pytest.raises(ConfigError, match=r"moe\.expert_kernel='fused': expected auto, loop or grouped"):
+        from_dict(tiny_raw(moe={"expert_kernel": "fused"}))
+    with pytest.raises(ConfigError, match=r"moe\.expert_kernel=grouped needs model\.hidden_size \(36\)"):
+        from_dict(tiny_raw(moe={"expert_kernel": "grouped"}, model={"hidden_size": 36, "num_heads": 4}))
+    assert from_dict(tiny_raw(moe={"expert_kernel": "grouped"})).moe.expert_kernel == "grouped"
+
+
 def test_experts_not_divisible_by_expert_parallel_size():
     with pytest.raises(ConfigError, match=r"moe\.num_experts=4 is not divisible by moe\.expert_parallel_size=3"):
         from_dict(tiny_raw(moe={"expert_parallel_size": 3}))

@@ -17,15 +17,16 @@ def torchrun(nproc, *args):
     run_ranks(nproc, "dist_worker.py", *args)
 
 
-@pytest.mark.parametrize("zero", [0, 2])
-def test_two_ranks_with_expert_parallelism_match_one_rank(tmp_path, zero):
-    """EP=2 over 2 ranks vs 1 rank on the same global batch, no token dropped: same LM losses
-    and gradients, with uniform and with per-token widths (each slot's width crosses the
-    all-to-all with it; the 1-rank layer equals a per-token loop in test_moe_layer). The
-    load-balancing loss is off here: it is a product of per-rank means (as in DeepSpeed and
-    the paper's code), so it is not invariant to how a batch is split."""
-    torchrun(1, tmp_path / "one.pt", 1, zero)
-    torchrun(2, tmp_path / "two.pt", 2, zero)
+@pytest.mark.parametrize("zero,kernel", [(0, "grouped"), (2, "loop")])
+def test_two_ranks_with_expert_parallelism_match_one_rank(tmp_path, zero, kernel):
+    """EP=2 over 2 ranks (with either expert kernel) vs 1 rank (the per-expert kernel) on the
+    same global batch, no token dropped: same LM losses and gradients, with uniform and with
+    per-token widths (each slot's width crosses the all-to-all with it; the 1-rank layer
+    equals a per-token loop in test_moe_layer). The load-balancing loss is off here: it is a
+    product of per-rank means (as in DeepSpeed and the paper's code), so it is not invariant
+    to how a batch is split."""
+    torchrun(1, tmp_path / "one.pt", 1, zero, "loop")
+    torchrun(2, tmp_path / "two.pt", 2, zero, kernel)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     torch.testing.assert_close(torch.tensor(two["lm"]), torch.tensor(one["lm"]), rtol=0, atol=1e-5)
     assert one["grads"].keys() == two["grads"].keys()

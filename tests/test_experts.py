@@ -161,3 +161,82 @@ def test_ranged_backward_with_frozen_weights_and_in_bf16(dtype):
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(out, ref, **tol)
     torch.testing.assert_close(x.grad, want, **tol)
+
+
+def test_grouped_layout_on_a_hand_made_case():
+    """Sizes rounded up to 8 units, buckets widest first, experts in order inside a bucket,
+    empty slots last; offsets count each bucket's rows per expert."""
+    from mose_ds.grouped import plan_layout
+    m = torch.tensor([64, 10, 0, 64, 33, 8])
+    e = torch.tensor([1, 0, 0, 0, 1, 1])
+    layout = plan_layout(e, m, num_experts=2, hidden=64)
+    assert layout.ends == [64, 40, 16, 8] and layout.rows == [2, 1, 1, 1]
+    assert layout.order_N.tolist() == [3, 0, 4, 1, 5, 2]
+    assert layout.offs_BE.tolist() == [[1, 2], [0, 1], [1, 1], [0, 1]]
+    assert layout.units == 2 * 64 + 40 + 16 + 8
+    assert layout.partial == [False, True, True, False]       # which buckets zero units
+
+
+def grouped_and_per_expert(experts, x, e, m, g):
+    """Outputs and gradients (input, then every weight) of both kernels on the same rows."""
+    from mose_ds.grouped import grouped_ffn, plan_layout
+    params = [p for ffn in experts for p in ffn.parameters() if p.requires_grad]
+    layout = plan_layout(e, m, len(experts), experts[0].ffn_hidden_size)
+    order = layout.order_N
+    y = grouped_ffn(experts, x[order], m[order], layout)
+    out = torch.zeros_like(y).index_copy(0, order, y)
+    grads = torch.autograd.grad(out, [x, *params], g)
+    ref, units = torch.zeros_like(x), 0
+    for i, ffn in enumerate(experts):
+        rows = (e == i).nonzero().squeeze(1)
+        y_i, u = ffn.forward_slots(x[rows], m[rows])
+        ref, units = ref.index_add(0, rows, y_i), units + u
+    ref_grads = torch.autograd.grad(ref, [x, *params], g)
+    return (out, grads, layout), (ref, ref_grads, units)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_grouped_kernel_equals_per_expert_kernel_forward_and_backward(activation):
+    """Many distinct widths (planned buckets), empty slots, an expert without rows: output
+    and every gradient equal the per-expert kernel's, and the idle expert's are zero."""
+    from mose_ds.experts import MAX_RANGES
+    experts = [make(activation, D=16, H=128) for _ in range(4)]
+    for i, ffn in enumerate(experts):
+        with torch.no_grad():
+            for p in ffn.parameters():
+                p.mul_(1 + i)                                   # experts differ
+    gen = torch.Generator().manual_seed(5)
+    e = torch.randint(0, 3, (300,), generator=gen)           # expert 3 idle
+    m = torch.randint(0, 129, (300,), generator=gen)         # 0: empty slots
+    x = torch.randn(300, 16, generator=gen, requires_grad=True)
+    g = torch.randn(300, 16, generator=gen)
+    (out, grads, layout), (ref, ref_grads, units) = grouped_and_per_expert(experts, x, e, m, g)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+    assert all(float(p.abs().sum()) == 0 for p in grads[1:][3 * len(grads[1:]) // 4:])   # expert 3
+    assert len(layout.ends) == MAX_RANGES and all(end % 8 == 0 for end in layout.ends)
+    rounded = torch.tensor(layout.ends).flip(0)[torch.searchsorted(torch.tensor(layout.ends).flip(0), m[m > 0])]
+    assert layout.units == int(rounded.sum()) >= units        # each row at its bucket's end
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_kernel_with_frozen_weights_and_in_bf16(dtype):
+    """Frozen weights get no gradient while the input does; bf16 agrees with the fp32
+    per-expert kernel to bf16 precision (weight gradients accumulate in fp32)."""
+    experts = [make("swiglu", D=16, H=96) for _ in range(3)]
+    gen = torch.Generator().manual_seed(3)
+    e, m = torch.randint(0, 3, (60,), generator=gen), torch.randint(0, 97, (60,), generator=gen)
+    x, g = torch.randn(60, 16, generator=gen, requires_grad=True), torch.randn(60, 16, generator=gen)
+    _, (ref, ref_grads, _) = grouped_and_per_expert(experts, x, e, m, g)
+    low = [ffn.to(dtype) for ffn in experts]
+    (out, grads, _), _ = grouped_and_per_expert(low, x.detach().to(dtype).requires_grad_(), e, m, g.to(dtype))
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out.float(), ref, **tol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float(), b, **tol)
+    for ffn in low:
+        ffn.requires_grad_(False)
+    (out, grads, _), _ = grouped_and_per_expert(low, x.detach().to(dtype).requires_grad_(), e, m, g.to(dtype))
+    assert len(grads) == 1 and all(p.grad is None for ffn in low for p in ffn.parameters())
+    torch.testing.assert_close(grads[0].float(), ref_grads[0], **tol)

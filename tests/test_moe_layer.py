@@ -38,20 +38,22 @@ def router_prob_policy(p_TK, layer):
     return p_TK.clamp(0.05, 1.0)
 
 
+@pytest.mark.parametrize("kernel", ["loop", "grouped"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("policy", [uniform_policy(1.0), uniform_policy(0.5), router_prob_policy,
                                     normprob_policy(1.0), normprob_policy(0.9, gamma=2.0, exact_budget=True)],
                          ids=["full", "uniform0.5", "per-token", "normprob", "gamma-exact-budget"])
-def test_moe_equals_per_token_reference_loop_without_drops(world, activation, policy):
-    layer = build_moe(world, activation)
+def test_moe_equals_per_token_reference_loop_without_drops(world, activation, policy, kernel):
+    layer = build_moe(world, activation, expert_kernel=kernel)
     x_SBD = torch.randn(6, 3, 32)
     out, info = layer(x_SBD, policy)
     assert info.stats.dropped_frac == 0
     torch.testing.assert_close(out.view(-1, 32), reference_moe(layer, x_SBD.view(-1, 32), policy))
 
 
-def test_gradients_match_reference_loop(world):
-    layer = build_moe(world)
+@pytest.mark.parametrize("kernel", ["loop", "grouped"])
+def test_gradients_match_reference_loop(world, kernel):
+    layer = build_moe(world, expert_kernel=kernel)
     x = torch.randn(5, 2, 32)
     out, _ = layer(x, router_prob_policy)
     out.square().sum().backward()
@@ -79,10 +81,11 @@ def test_deepspeed_gate_is_replaced_by_our_router(world):
     assert layer.router.weight.shape == (4, 32)
 
 
-def test_an_idle_expert_still_gets_a_zero_gradient(world):
+@pytest.mark.parametrize("kernel", ["loop", "grouped"])
+def test_an_idle_expert_still_gets_a_zero_gradient(world, kernel):
     """Every rank must reduce the same gradients and enter the same all-to-alls, whatever
     the routing did: an expert that receives no token stays in the autograd graph."""
-    layer = build_moe(world)
+    layer = build_moe(world, expert_kernel=kernel)
     with torch.no_grad():
         layer.router.weight.copy_(torch.tensor([1.0, 0.9, 0.8, -1.0]).unsqueeze(1).expand(4, 32))
     x = torch.rand(4, 2, 32) + 0.1            # positive inputs: experts 0 and 1 always win, 3 never

@@ -118,9 +118,11 @@ def test_gamma_gradient_is_finite_and_nonzero_where_widths_are_not_clipped(world
 @pytest.mark.parametrize("policy", [uniform_policy(1.0), uniform_policy(0.4), normprob_policy(1.0),
                                     normprob_policy(1.3, gamma=[0.5, 3.0], exact_budget=True)],
                          ids=["full", "uniform0.4", "normprob", "gamma-exact"])
-def test_flops_of_executed_widths_equal_flop_counter(world, policy):
+@pytest.mark.parametrize("kernel", ["loop", "grouped"])
+def test_flops_of_executed_widths_equal_flop_counter(world, policy, kernel):
     """The standard convention counts exactly the matmuls torch runs (eager forward)."""
-    model = tiny_model(world, capacity_factor=1.0, eval_capacity_factor=1.0)   # some drops
+    model = tiny_model(world, capacity_factor=1.0, eval_capacity_factor=1.0,   # some drops
+                       expert_kernel=kernel)
     x = torch.randint(0, 4096, (3, 32))
     counter = flop_counter()
     with counter, torch.no_grad():

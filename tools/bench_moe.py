@@ -9,10 +9,12 @@ timed, not a loss):
   (d) ours with per-token widths from the normalised-probability policy (--budgets)
   (e) masking: every slot computes all H hidden units and those past its width are zeroed
       (the per-token widths of (d))
-For each: median time (variants interleaved), and for (c)-(e) the time over (b)'s (median of
-per-round ratios) next to the mean executed width and the counted FLOPs ratio; peak memory of
-each variant in a fresh process, and of (b) at each of --memory-tokens (how memory grows with
-tokens).
+  (f) (b) and (d) with the other expert kernel (`moe.expert_kernel`: the per-expert loop or
+      the grouped products; (b)-(d) use --kernel, by default what `auto` picks here)
+For each: median time (variants interleaved), and for (c)-(f) the time over (b)'s (median of
+per-round ratios) next to the mean executed width and the counted FLOPs ratio, and for (f)
+the time over the same policy's with the --kernel; peak memory of each variant in a fresh
+process, and of (b) at each of --memory-tokens (how memory grows with tokens).
 Training step: a two-pass step (full + width w) over a single full-width step, next to the
 ratio predicted from FLOPs.
 
@@ -38,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from mose_ds import measure  # noqa: E402
 from mose_ds.config import from_dict, load_config, to_dict  # noqa: E402
+from mose_ds import grouped  # noqa: E402
 from mose_ds.experts import SlimmableFFN  # noqa: E402
 
 # Dense bf16 peak TFLOP/s by device name, for utilisation figures (override: --peak-tflops).
@@ -61,19 +64,40 @@ class MaskedFFN(SlimmableFFN):
 
 
 def variant_names(args) -> list[str]:
-    return (["deepspeed", "full"] + [f"uniform_{w:g}" for w in args.widths]
-            + [f"normprob_{g:g}" for g in args.budgets] + [f"masked_{g:g}" for g in args.budgets])
+    names = (["deepspeed", "full"] + [f"uniform_{w:g}" for w in args.widths]
+             + [f"normprob_{g:g}" for g in args.budgets] + [f"masked_{g:g}" for g in args.budgets])
+    other = other_kernel(args)
+    return names + ([f"{other}_full"] + [f"{other}_normprob_{g:g}" for g in args.budgets] if other else [])
+
+
+def kernels(args) -> tuple[str, str | None]:
+    """The expert kernel of (b)-(d) (--kernel, `auto` resolved for this device and dtype) and
+    that of (f), the other one (None when the shapes allow only the loop)."""
+    from mose_ds.engine import device
+    if not grouped.supported(args.hidden, 4 * args.hidden):
+        return "loop", None
+    used = args.kernel
+    if used == "auto":
+        used = "grouped" if grouped.auto_picks_grouped(device(), DTYPES[args.dtype], args.hidden,
+                                                       4 * args.hidden) else "loop"
+    return used, "loop" if used == "grouped" else "grouped"
+
+
+def other_kernel(args) -> str | None:
+    return kernels(args)[1]
 
 
 def build_layer(args, kind: str, device, dtype):
-    """One MoE layer with seeded weights: ours ('ours'/'masked') or DeepSpeed's."""
+    """One MoE layer with seeded weights: DeepSpeed's, or ours ('ours' with the kernel of
+    (b)-(d), 'other' with (f)'s, 'masked')."""
     from deepspeed.moe.layer import MoE
     from mose_ds.model import transformer_config
     from mose_ds.moe_layer import SlimmableMoE
 
+    kernel = kernels(args)[kind == "other"] if kind in ("ours", "other") else "loop"
     cfg = from_dict({"model": {"hidden_size": args.hidden, "num_heads": 1, "num_layers": 1},
                      "moe": {"num_experts": args.experts, "top_k": args.top_k,
-                             "width_quantum": args.width_quantum}})
+                             "width_quantum": args.width_quantum, "expert_kernel": kernel}})
     D, H = args.hidden, cfg.model.ffn_hidden_size
     torch.manual_seed(0)
     if kind == "deepspeed":
@@ -94,11 +118,14 @@ def build_layer(args, kind: str, device, dtype):
 
 
 def layer_kind(name: str) -> str:
-    return {"deepspeed": "deepspeed", "masked": "masked"}.get(name.split("_")[0], "ours")
+    return {"deepspeed": "deepspeed", "masked": "masked", "loop": "other", "grouped": "other"}.get(
+        name.split("_")[0], "ours")
 
 
 def policy(name: str):
     from mose_ds.widths import normprob_policy, uniform_policy
+    if layer_kind(name) == "other":
+        name = name.partition("_")[2]                  # (f): the policy of the variant it repeats
     kind, _, value = name.partition("_")
     if kind in ("normprob", "masked"):
         return normprob_policy(float(value))
@@ -139,7 +166,8 @@ def forward_flops(name: str, layer, x) -> int:
 
 def layer_benchmark(args, device, dtype) -> dict:
     names = variant_names(args)
-    layers = {kind: build_layer(args, kind, device, dtype) for kind in ("deepspeed", "ours", "masked")}
+    layers = {kind: build_layer(args, kind, device, dtype)
+              for kind in ("deepspeed", "ours", "masked") + (("other",) if other_kernel(args) else ())}
     x, grad_out = inputs(args, args.tokens, device, dtype)
     units: dict[str, tuple[float, float]] = {}
     fns = {n: step_fn(n, layers[layer_kind(n)], x, grad_out, units) for n in names}
@@ -161,9 +189,12 @@ def layer_benchmark(args, device, dtype) -> dict:
         if n.startswith(("uniform", "normprob")):
             row["target"] = row["executed_width"] + 0.10
             row["ok"] = row["time_ratio"] <= row["target"]
+        if layer_kind(n) == "other":   # (f) over the same policy with the kernel of (b)-(d)
+            row["vs_kernel"] = measure.paired_ratios(samples, n.partition("_")[2])[n]
         rows.append(row)
     vs_deepspeed = 1 / ratio["deepspeed"]
-    return {"layer": rows, "full_vs_deepspeed": {"time_ratio": vs_deepspeed, "ok": vs_deepspeed <= 1}}
+    return {"layer": rows, "kernels": dict(zip(("kernel", "other"), kernels(args))),
+            "full_vs_deepspeed": {"time_ratio": vs_deepspeed, "ok": vs_deepspeed <= 1}}
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,6 +326,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--tokens", type=int, default=16384, help="tokens through the MoE layer")
     p.add_argument("--width-quantum", type=int, default=1, help="moe.width_quantum of our layer")
+    p.add_argument("--kernel", choices=("auto", "loop", "grouped"), default="auto",
+                   help="moe.expert_kernel of (b)-(d); (f) runs the other one")
     p.add_argument("--widths", type=floats, default=[0.25, 0.5, 0.75], help="(c) uniform widths")
     p.add_argument("--budgets", type=floats, default=[0.5, 1.0, 1.5], help="(d), (e) normprob budgets in (0, k]")
     p.add_argument("--memory-tokens", type=ints, default=[16384, 65536],
@@ -322,6 +355,8 @@ def parse_args(argv=None):
         p.error(f"--budgets {args.budgets}: budgets must lie in (0, top_k={args.top_k}]")
     if args.tokens % 8 or any(t % 8 for t in args.memory_tokens):
         p.error("--tokens and --memory-tokens must be multiples of 8 (batches of 8 sequences)")
+    if args.kernel == "grouped" and not grouped.supported(args.hidden, 4 * args.hidden):
+        p.error(f"--kernel grouped: --hidden {args.hidden} and its FFN size must be multiples of {grouped.GRANULE}")
     if args.memory_worker:
         args.variant, tokens, args.worker_out = args.memory_worker
         args.worker_tokens = int(tokens)
@@ -367,20 +402,23 @@ def print_report(args, r: dict) -> None:
     print(f"device: {r['device']}, {r['dtype']}; MoE layer: hidden {s['hidden']} (FFN {s['ffn_hidden']}), "
           f"E{s['experts']} top-{s['top_k']}, {s['tokens']} tokens")
     if "layer" in r:
-        print("\nforward + backward   | seconds | time / (b) | policy width | executed width | FLOPs ratio | TFLOP/s "
+        print(f"\nexpert kernel of (b)-(d): {r['kernels']['kernel']}; (f): {r['kernels']['other'] or 'none'}")
+        print("forward + backward       | seconds | time / (b) | policy width | executed width | FLOPs ratio | TFLOP/s "
               "| target <= | ok")
         for row in r["layer"]:
             width = (f"{row['policy_width']:12.3f} | {row['executed_width']:14.3f}" if "executed_width" in row
                      else f"{'':12} | {'':14}")
             target = f"{row['target']:9.3f} | {row['ok']}" if "target" in row else f"{'':9} |"
-            print(f"  {row['variant']:18} | {row['seconds']:7.3f} | {row['time_ratio']:10.3f} | {width} | "
+            if "vs_kernel" in row:
+                target = f"{'':9} | {row['vs_kernel']:.3f}x the {r['kernels']['kernel']} kernel's time"
+            print(f"  {row['variant']:22} | {row['seconds']:7.3f} | {row['time_ratio']:10.3f} | {width} | "
                   f"{row['flops_ratio']:11.3f} | {row['tflops']:7.3f} | {target}")
         v = r["full_vs_deepspeed"]
         print(f"  (b) full / (a) deepspeed: {v['time_ratio']:.3f}x time ({'ok' if v['ok'] else 'SLOWER'})")
     if "memory" in r:
         print("\npeak memory of one forward + backward (above the layer and its inputs)")
         for row in r["memory"]:
-            print(f"  {row['variant']:18} | {row['tokens']:7d} tokens | {row['peak_bytes'] / 2**20:9.1f} MiB")
+            print(f"  {row['variant']:22} | {row['tokens']:7d} tokens | {row['peak_bytes'] / 2**20:9.1f} MiB")
         g, v = r["memory_growth"], r["full_vs_deepspeed_memory"]
         print(f"  (b) at {g['tokens'][1]} / {g['tokens'][0]} tokens: {g['peak_ratio']:.2f}x "
               f"(limit {g['limit']:.2f}x: {'ok' if g['ok'] else 'EXCEEDED'}); "
