@@ -44,8 +44,8 @@ def plan_ends(sizes_U: torch.Tensor, counts_U: torch.Tensor, hidden: int, max_ra
     are the `max_ranges` candidate ends (each size rounded up to `align` units, or to
     hidden / max_ranges when that is finer, and the largest size) that minimise the total
     rounded work, by dynamic programming over the candidates: never more work than ends
-    every hidden / max_ranges units. `granule`: the candidates' rounding stays a multiple
-    of it (the grouped kernel's 16-byte strides)."""
+    every hidden / max_ranges units. `granule`: the candidates' rounding is made a multiple
+    of it (the grouped kernel's 16-byte strides), which can make it coarser than that."""
     if len(sizes_U) <= max_ranges:
         return sizes_U
     align = -(-min(align, -(-hidden // max_ranges)) // granule) * granule

@@ -1,15 +1,17 @@
 """Every local expert of a MoE layer in a few grouped matrix products (`moe.expert_kernel`).
 
 The per-expert kernel (`SlimmableFFN.forward_sorted`) runs up to MAX_RANGES product pairs per
-expert and syncs with the host once per expert: with E experts, 2 E MAX_RANGES products
-forward and twice that backward, each one kernel launch on a GPU. Here the experts of a layer
-share one plan. Their slots' hidden sizes are cut into at most MAX_RANGES buckets
-(`experts.plan_ends` over the sizes of every expert's slots); a slot runs at its bucket's end
-with the units past its own size zeroed. Slots are laid out bucket by bucket, widest first,
-and expert by expert inside a bucket, so each bucket is one grouped product per projection
-over all experts (`torch._grouped_mm`: rows grouped by expert, weights cut to the bucket's
-end): at most 3 MAX_RANGES products forward per layer and one host sync, whatever the number
-of experts. The work is the per-expert kernel's: each slot's size rounded up to an end.
+expert (three products per range with SwiGLU) and syncs with the host once per expert: with
+E experts, 2 E MAX_RANGES products forward and twice that backward, each one kernel launch on
+a GPU. Here the experts of a layer share one plan. Their slots' hidden sizes are rounded up
+to multiples of GRANULE units and cut into at most MAX_RANGES buckets (`experts.plan_ends`
+over the sizes of every expert's slots); a slot runs at its bucket's end with the units past
+its own size zeroed. Slots are laid out bucket by bucket, widest first, and expert by expert
+inside a bucket, so each bucket is one grouped product per projection over all experts
+(`torch._grouped_mm`: rows grouped by expert, weights cut to the bucket's end): at most
+3 MAX_RANGES products forward per layer and one host sync, whatever the number of experts.
+The work is each slot's size rounded up to its bucket's end: at least the per-expert
+kernel's (whose ends are per expert and need no granule), by a few percent at most.
 
 Grouped products want 16-byte strides, so bucket ends are multiples of GRANULE units, and the
 model and expert hidden sizes must be multiples of GRANULE too (`supported`).
@@ -35,13 +37,14 @@ def supported(hidden_size: int, ffn_hidden_size: int) -> bool:
 
 
 def auto_picks_grouped(device: torch.device, dtype: torch.dtype, hidden_size: int, ffn_hidden_size: int) -> bool:
-    """`moe.expert_kernel: auto`: grouped in bf16 on a CUDA device of compute capability 9 or
-    above, where torch's grouped product is one fused kernel that reads the group offsets on
-    the device, and the per-expert loop's launches and host syncs dominate small products.
-    The loop elsewhere: below capability 9 torch's grouped product is itself a loop of
-    products after a host sync, and on CPU the two kernels measure alike (docs/performance.md)."""
-    return (device.type == "cuda" and dtype == torch.bfloat16 and supported(hidden_size, ffn_hidden_size)
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    """`moe.expert_kernel: auto`: grouped in bf16 on NVIDIA Hopper (compute capability 9.x),
+    where torch's grouped product is one fused kernel that reads the group offsets on the
+    device, and the per-expert loop's launches and host syncs dominate small products. The
+    loop elsewhere: on other GPUs torch's grouped product is either a loop of products after
+    a host sync or not yet known to handle empty groups, and on CPU the two kernels measure
+    alike (docs/performance.md)."""
+    return (device.type == "cuda" and torch.version.hip is None and dtype == torch.bfloat16
+            and supported(hidden_size, ffn_hidden_size) and torch.cuda.get_device_capability(device)[0] == 9)
 
 
 @dataclass
@@ -57,11 +60,12 @@ class Layout:
 
 def plan_layout(e_N: torch.Tensor, m_N: torch.Tensor, num_experts: int, hidden: int) -> Layout:
     """The layout of rows with experts e_N and hidden sizes m_N (0: an empty slot, which
-    computes nothing). One host sync: the distinct sizes and their counts."""
-    E = num_experts
-    sizes_U, counts_U = torch.unique(m_N, return_counts=True)
-    sizes_U, counts_U = torch.stack([sizes_U, counts_U]).cpu()          # ascending; one host sync
-    sizes_U, counts_U = sizes_U[sizes_U > 0], counts_U[sizes_U > 0]
+    computes nothing). One host sync: the histogram of sizes."""
+    E, device = num_experts, m_N.device
+    hist_M = torch.zeros(hidden + 1, dtype=torch.long, device=device).index_add_(
+        0, m_N, torch.ones_like(m_N)).cpu()                                # rows per size; the host sync
+    sizes_U = hist_M[1:].nonzero().squeeze(1) + 1                          # ascending, positive
+    counts_U = hist_M[sizes_U]
     grid_U = (sizes_U + GRANULE - 1) // GRANULE * GRANULE                # <= hidden (a multiple)
     grid_G, slot_U = torch.unique(grid_U, return_inverse=True)
     ends_B = plan_ends(grid_G, torch.zeros_like(grid_G).index_add_(0, slot_U, counts_U), hidden,
@@ -70,10 +74,11 @@ def plan_layout(e_N: torch.Tensor, m_N: torch.Tensor, num_experts: int, hidden: 
     rows_B = torch.zeros_like(ends_B).index_add_(0, bucket_U, counts_U)
     partial_B = torch.zeros_like(ends_B).index_add_(0, bucket_U, (sizes_U < ends_B[bucket_U]).long()) > 0
     J = len(ends_B)
-    bucket_N = torch.searchsorted(ends_B.to(m_N.device), m_N)           # first end >= m
+    bucket_N = torch.searchsorted(ends_B.to(device, non_blocking=True), m_N)    # first end >= m
     key_N = torch.where(m_N > 0, (J - 1 - bucket_N) * E + e_N, J * E)   # widest bucket first
     order_N = torch.argsort(key_N, stable=True)
-    offs_BE = torch.bincount(key_N, minlength=J * E + 1)[:J * E].view(J, E).cumsum(1).to(torch.int32)
+    count_K = torch.zeros(J * E + 1, dtype=torch.long, device=device).index_add_(0, key_N, torch.ones_like(key_N))
+    offs_BE = count_K[:J * E].view(J, E).cumsum(1).to(torch.int32)     # (bincount would sync)
     ends, rows = ends_B.flip(0).tolist(), rows_B.flip(0).tolist()
     return Layout(order_N, ends, rows, offs_BE, sum(n * U for n, U in zip(rows, ends)),
                   partial_B.flip(0).tolist())
@@ -91,17 +96,28 @@ def grouped_ffn(experts: Sequence[SlimmableFFN], x_ND: torch.Tensor, m_N: torch.
 
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """a [n, K] @ b[e] [K, U] for the rows of each group e (2-D x 3-D: [n, U]), or
-    a [U, n] @ b [n, D] summed over each group's rows (2-D x 2-D: [E, U, D])."""
+    """a [n, K] @ b[e] [K, U] for the rows of each group e (2-D x 3-D: [n, U])."""
     return torch._grouped_mm(a, b, offs=offs)
+
+
+def _gmm_reduce(a_Un: torch.Tensor, b_nD: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a [U, n] @ b [n, D] over each group's rows (2-D x 2-D: [E, U, D]), for weight
+    gradients. `a` must be a transposed contiguous [n, U] (the layout in which Hopper's
+    kernel accepts empty groups); empty groups are zeroed here all the same, since not every
+    device's kernel writes them."""
+    out_EUD = torch._grouped_mm(a_Un, b_nD, offs=offs)
+    rows_E = torch.diff(offs, prepend=offs.new_zeros(1))
+    return out_EUD.masked_fill_((rows_E == 0).view(-1, 1, 1), 0)
 
 
 class _GroupedFFN(torch.autograd.Function):
     """`grouped_ffn`, forward and backward by hand (as `experts._RangedFFN`, and for the same
     reasons): only pre-activations are kept for backward, and each bucket's weight gradient
-    is added into one [E, H, D] buffer (fp32) instead of autograd's full-size gradient per
-    slice. The per-expert weights are stacked into [E, H, D] in forward and again in
-    backward rather than kept: a copy of the weights costs less than holding one.
+    is added into one fp32 buffer over the units the widest bucket reaches, instead of
+    autograd's full-size gradient per slice. (Each bucket's product is rounded to the weights'
+    dtype before that sum: up to MAX_RANGES roundings per unit in bf16.) The per-expert
+    weights are stacked into [E, H, D] in forward and again in backward rather than kept
+    between them; the stacks are released before the gradients are converted.
 
     x_ND, m_N: rows in layout order; weights: E w_up, E w_down, then E w_gate (SwiGLU).
     """
@@ -129,9 +145,12 @@ class _GroupedFFN(torch.autograd.Function):
         weights, saved, layout = rest[:ctx.n_weights], rest[ctx.n_weights:], ctx.layout
         w_up, w_down, w_gate = _stacks(weights, ctx.E)
         E, want_x, want_w = ctx.E, ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
-        acc = [torch.zeros(w.shape, dtype=torch.float32, device=w.device)   # weight gradients
+        H, D, dtype = w_up.shape[1], w_up.shape[2], w_up.dtype
+        reach = layout.ends[0] if layout.ends else 0                      # units any row has
+        acc = [torch.zeros(E, reach, D, dtype=torch.float32, device=w.device)   # weight gradients
                if w is not None and any(want_w[k * E:(k + 1) * E]) else None
                for k, w in enumerate((w_up, w_down, w_gate))]
+        kinds = [w is not None for w in (w_up, w_down, w_gate)]
         d_up, d_down, d_gate = acc
         g_ND, dx_parts, r0 = g_ND.contiguous(), [], 0
         for b, (U, n) in enumerate(zip(layout.ends, layout.rows)):
@@ -139,7 +158,7 @@ class _GroupedFFN(torch.autograd.Function):
             up_nU, gate_nU = saved[2 * b:2 * b + 2]
             if d_down is not None:
                 h_nU = _activate(up_nU, gate_nU, m_n, layout, b)
-                d_down[:, :U] += _gmm(h_nU.t(), g_nD, offs_E)                          # [E, U, D]
+                d_down[:, :U] += _gmm_reduce(h_nU.t(), g_nD, offs_E)                   # [E, U, D]
             dh_nU = _zero_missing(_gmm(g_nD, w_down[:, :U].transpose(1, 2), offs_E), m_n, layout, b)  # [n, U]
             if gate_nU is None:
                 dup_nU = torch.ops.aten.gelu_backward(dh_nU, up_nU)
@@ -147,9 +166,9 @@ class _GroupedFFN(torch.autograd.Function):
                 dup_nU = dh_nU * F.silu(gate_nU)
                 dgate_nU = torch.ops.aten.silu_backward(dh_nU.mul_(up_nU), gate_nU)
                 if d_gate is not None:
-                    d_gate[:, :U] += _gmm(dgate_nU.t(), x_nD, offs_E)
+                    d_gate[:, :U] += _gmm_reduce(dgate_nU.t(), x_nD, offs_E)
             if d_up is not None:
-                d_up[:, :U] += _gmm(dup_nU.t(), x_nD, offs_E)
+                d_up[:, :U] += _gmm_reduce(dup_nU.t(), x_nD, offs_E)
             if want_x:
                 dx_nD = _gmm(dup_nU, w_up[:, :U], offs_E)                               # [n, D]
                 if gate_nU is not None:
@@ -157,11 +176,25 @@ class _GroupedFFN(torch.autograd.Function):
                 dx_parts.append(dx_nD)
             r0 += n
         dx_ND = torch.cat(dx_parts + [x_ND.new_zeros(x_ND.shape[0] - r0, x_ND.shape[1])]) if want_x else None
+        del w_up, w_down, w_gate, d_up, d_down, d_gate
         grads = []
-        for d, w in zip(acc, (w_up, w_down, w_gate)):
-            if w is not None:
-                grads += d.to(w.dtype).unbind(0) if d is not None else [None] * E
+        for k, present in enumerate(kinds):
+            if present:
+                d, acc[k] = acc[k], None                                  # one buffer alive at a time
+                grads += _weight_grad(d, H, dtype).unbind(0) if d is not None else [None] * E
         return (dx_ND, None, None, None, *(g if want else None for g, want in zip(grads, want_w)))
+
+
+def _weight_grad(acc_EUD: torch.Tensor, H: int, dtype: torch.dtype) -> torch.Tensor:
+    """[E, H, D] weight gradients in `dtype` from the fp32 sums over units 0..U-1 (the units
+    past U no row reached: zero)."""
+    E, U, D = acc_EUD.shape
+    if U == H and dtype == acc_EUD.dtype:
+        return acc_EUD
+    grad_EHD = acc_EUD.new_empty(E, H, D, dtype=dtype)
+    grad_EHD[:, U:].zero_()
+    grad_EHD[:, :U] = acc_EUD
+    return grad_EHD
 
 
 def _stacks(weights, E: int):

@@ -10,10 +10,10 @@ the expert-parameter tags) but replace its gate and its einsum dispatch:
 * the gate (`Router`) is fp32, bias-free, softmax over the top-k logits, no sampling noise;
 * dispatch is index-based: kept (token, expert) slots are gathered in expert-major order,
   each with its own hidden size m(w). On one rank every expert runs its contiguous segment
-  (or, with the grouped kernel, all experts run together on slots laid out by width bucket
-  and expert: `grouped.py`); with expert parallelism the slots are packed into flat `[E * C, D]` capacity blocks that
-  cross ranks, with their hidden sizes, through DeepSpeed's all-to-all over its
-  expert-parallel group. Results are combined with `index_add`. Nothing is ever
+  (with the grouped kernel all experts run together, on slots laid out by width bucket and
+  expert: `grouped.py`); with expert parallelism the slots are packed into flat `[E * C, D]`
+  capacity blocks that cross ranks, with their hidden sizes, through DeepSpeed's all-to-all
+  over its expert-parallel group. Results are combined with `index_add`. Nothing is ever
   `[T, E, C]`: memory grows linearly with tokens.
 
 Shape legend: S sequence, B batch, T = S * B tokens, D model dim, E experts,
@@ -31,8 +31,8 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import _AllToAll
 from torch import nn
 
-from .config import MoEConfig
 from . import grouped
+from .config import MoEConfig
 from .experts import SlimmableFFN
 from .gating import (RouterSpec, RoutingStats, assign_slots, expert_capacity, load_balance_loss,
                      router_z_loss, routing_stats, sequence_balance_loss, top_k_routing)

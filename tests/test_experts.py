@@ -240,3 +240,19 @@ def test_grouped_kernel_with_frozen_weights_and_in_bf16(dtype):
     (out, grads, _), _ = grouped_and_per_expert(low, x.detach().to(dtype).requires_grad_(), e, m, g.to(dtype))
     assert len(grads) == 1 and all(p.grad is None for ffn in low for p in ffn.parameters())
     torch.testing.assert_close(grads[0].float(), ref_grads[0], **tol)
+
+
+def test_grouped_kernel_without_any_row():
+    """No slot at all for this layer's experts (every row empty, or no row): a zero output,
+    and zero gradients for the input and every expert weight."""
+    from mose_ds.grouped import grouped_ffn, plan_layout
+    experts = [make("gelu", D=16, H=64) for _ in range(2)]
+    for n in (5, 0):
+        e, m = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+        x = torch.randn(n, 16, requires_grad=True)
+        layout = plan_layout(e, m, 2, 64)
+        assert layout.ends == [] and layout.units == 0
+        out = grouped_ffn(experts, x, m, layout)
+        assert out.shape == (n, 16) and float(out.abs().sum()) == 0
+        grads = torch.autograd.grad(out.sum(), [x, *[p for f in experts for p in f.parameters()]])
+        assert all(float(g.abs().sum()) == 0 for g in grads) and grads[1].shape == (64, 16)
