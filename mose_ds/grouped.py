@@ -41,8 +41,8 @@ def auto_picks_grouped(device: torch.device, dtype: torch.dtype, hidden_size: in
     where torch's grouped product is one fused kernel that reads the group offsets on the
     device, and the per-expert loop's launches and host syncs dominate small products. The
     loop elsewhere: on other GPUs torch's grouped product is either a loop of products after
-    a host sync or not yet known to handle empty groups, and on CPU the two kernels measure
-    alike (docs/performance.md)."""
+    a host sync or not yet known to handle empty groups, and on CPU the loop measures faster
+    (docs/performance.md)."""
     return (device.type == "cuda" and torch.version.hip is None and dtype == torch.bfloat16
             and supported(hidden_size, ffn_hidden_size) and torch.cuda.get_device_capability(device)[0] == 9)
 
