@@ -319,9 +319,9 @@ class RunConfig:
 
     def __post_init__(self):
         if self.moe.expert_kernel == "grouped":
-            from .grouped import GRANULE
+            from .grouped import GRANULE, supported
             sizes = (self.model.hidden_size, self.model.expert_hidden_size)
-            if any(size % GRANULE for size in sizes):
+            if not supported(*sizes):
                 raise ConfigError(f"moe.expert_kernel=grouped needs model.hidden_size ({sizes[0]}) and the expert "
                                   f"hidden size ({sizes[1]}) to be multiples of {GRANULE}")
 

@@ -54,6 +54,7 @@ class Layout:
     ends: list[int]          # hidden units each bucket computes
     rows: list[int]          # rows in each bucket
     offs_BE: torch.Tensor    # int32 [buckets, E]: rows of experts 0..e inside each bucket
+    empty_BE: torch.Tensor   # bool [buckets, E]: the expert has no row in the bucket
     units: int               # hidden units computed, summed over rows (FLOPs accounting)
     partial: list[bool]      # whether a bucket has rows narrower than its end (units to zero)
 
@@ -78,9 +79,10 @@ def plan_layout(e_N: torch.Tensor, m_N: torch.Tensor, num_experts: int, hidden: 
     key_N = torch.where(m_N > 0, (J - 1 - bucket_N) * E + e_N, J * E)   # widest bucket first
     order_N = torch.argsort(key_N, stable=True)
     count_K = torch.zeros(J * E + 1, dtype=torch.long, device=device).index_add_(0, key_N, torch.ones_like(key_N))
-    offs_BE = count_K[:J * E].view(J, E).cumsum(1).to(torch.int32)     # (bincount would sync)
+    count_BE = count_K[:J * E].view(J, E)                               # (bincount would sync)
     ends, rows = ends_B.flip(0).tolist(), rows_B.flip(0).tolist()
-    return Layout(order_N, ends, rows, offs_BE, sum(n * U for n, U in zip(rows, ends)),
+    return Layout(order_N, ends, rows, count_BE.cumsum(1).to(torch.int32), count_BE == 0,
+                  sum(n * U for n, U in zip(rows, ends)),
                   partial_B.flip(0).tolist())
 
 
@@ -100,14 +102,13 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(a, b, offs=offs)
 
 
-def _gmm_reduce(a_Un: torch.Tensor, b_nD: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """a [U, n] @ b [n, D] over each group's rows (2-D x 2-D: [E, U, D]), for weight
-    gradients. `a` must be a transposed contiguous [n, U] (the layout in which Hopper's
-    kernel accepts empty groups); empty groups are zeroed here all the same, since not every
-    device's kernel writes them."""
-    out_EUD = torch._grouped_mm(a_Un, b_nD, offs=offs)
-    rows_E = torch.diff(offs, prepend=offs.new_zeros(1))
-    return out_EUD.masked_fill_((rows_E == 0).view(-1, 1, 1), 0)
+def _gmm_reduce(a_Un: torch.Tensor, b_nD: torch.Tensor, layout: Layout, b: int) -> torch.Tensor:
+    """a [U, n] @ b [n, D] over each expert's rows of bucket b (2-D x 2-D: [E, U, D]), for
+    weight gradients. `a` must be a transposed contiguous [n, U] (the layout in which
+    Hopper's kernel accepts empty groups); empty groups are zeroed here all the same, since
+    not every device's kernel writes them."""
+    out_EUD = torch._grouped_mm(a_Un, b_nD, offs=layout.offs_BE[b])
+    return out_EUD.masked_fill_(layout.empty_BE[b].view(-1, 1, 1), 0)
 
 
 class _GroupedFFN(torch.autograd.Function):
@@ -158,7 +159,7 @@ class _GroupedFFN(torch.autograd.Function):
             up_nU, gate_nU = saved[2 * b:2 * b + 2]
             if d_down is not None:
                 h_nU = _activate(up_nU, gate_nU, m_n, layout, b)
-                d_down[:, :U] += _gmm_reduce(h_nU.t(), g_nD, offs_E)                   # [E, U, D]
+                d_down[:, :U] += _gmm_reduce(h_nU.t(), g_nD, layout, b)            # [E, U, D]
             dh_nU = _zero_missing(_gmm(g_nD, w_down[:, :U].transpose(1, 2), offs_E), m_n, layout, b)  # [n, U]
             if gate_nU is None:
                 dup_nU = torch.ops.aten.gelu_backward(dh_nU, up_nU)
@@ -166,9 +167,9 @@ class _GroupedFFN(torch.autograd.Function):
                 dup_nU = dh_nU * F.silu(gate_nU)
                 dgate_nU = torch.ops.aten.silu_backward(dh_nU.mul_(up_nU), gate_nU)
                 if d_gate is not None:
-                    d_gate[:, :U] += _gmm_reduce(dgate_nU.t(), x_nD, offs_E)
+                    d_gate[:, :U] += _gmm_reduce(dgate_nU.t(), x_nD, layout, b)
             if d_up is not None:
-                d_up[:, :U] += _gmm_reduce(dup_nU.t(), x_nD, offs_E)
+                d_up[:, :U] += _gmm_reduce(dup_nU.t(), x_nD, layout, b)
             if want_x:
                 dx_nD = _gmm(dup_nU, w_up[:, :U], offs_E)                               # [n, D]
                 if gate_nU is not None:

@@ -66,7 +66,7 @@ class MaskedFFN(SlimmableFFN):
 def variant_names(args) -> list[str]:
     names = (["deepspeed", "full"] + [f"uniform_{w:g}" for w in args.widths]
              + [f"normprob_{g:g}" for g in args.budgets] + [f"masked_{g:g}" for g in args.budgets])
-    other = other_kernel(args)
+    other = kernels(args)[1]
     return names + ([f"{other}_full"] + [f"{other}_normprob_{g:g}" for g in args.budgets] if other else [])
 
 
@@ -81,10 +81,6 @@ def kernels(args) -> tuple[str, str | None]:
         used = "grouped" if grouped.auto_picks_grouped(device(), DTYPES[args.dtype], args.hidden,
                                                        4 * args.hidden) else "loop"
     return used, "loop" if used == "grouped" else "grouped"
-
-
-def other_kernel(args) -> str | None:
-    return kernels(args)[1]
 
 
 def build_layer(args, kind: str, device, dtype):
@@ -167,7 +163,7 @@ def forward_flops(name: str, layer, x) -> int:
 def layer_benchmark(args, device, dtype) -> dict:
     names = variant_names(args)
     layers = {kind: build_layer(args, kind, device, dtype)
-              for kind in ("deepspeed", "ours", "masked") + (("other",) if other_kernel(args) else ())}
+              for kind in ("deepspeed", "ours", "masked") + (("other",) if kernels(args)[1] else ())}
     x, grad_out = inputs(args, args.tokens, device, dtype)
     units: dict[str, tuple[float, float]] = {}
     fns = {n: step_fn(n, layers[layer_kind(n)], x, grad_out, units) for n in names}
