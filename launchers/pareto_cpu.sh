@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The inference-time width study on CPU (docs/pareto.md): train ds_configs/small_cpu.yaml on the
-# shipped corpus (about 20 minutes on 2 cores), calibrate gamma (shared and layer-wise) for
-# five budgets on its training split, and sweep every policy mode on its held-out split.
-# Writes runs/small_cpu/{checkpoints,tensorboard,gamma_table.yaml,pareto/}.
+# bytes of the shipped corpus (about 23 minutes on 2 cores), calibrate gamma (shared and
+# layer-wise) for five budgets on its training split, sweep every policy mode on its held-out
+# split and diagnose routing across widths (about 31 minutes in all).
+# Writes runs/small_cpu/{data,checkpoints,tensorboard,gamma_table.yaml,pareto/,routing/}.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launchers/setup_env.sh"
@@ -10,10 +11,13 @@ cd "$ROOT"
 OUT="${OUT:-runs/small_cpu}"
 
 if [ ! -f "$OUT/data/meta.json" ]; then
-  "$PY" tools/prepare_data.py --input corpus/tinyshakespeare.txt --out "$OUT/data" --compact-vocab
+  "$PY" tools/prepare_data.py --input corpus/tinyshakespeare.txt --out "$OUT/data" --tokenizer bytes
+elif ! grep -q '"tokenizer": "bytes"' "$OUT/data/meta.json"; then
+  echo "pareto_cpu: $OUT/data holds data of another tokenizer; the recipe trains on bytes (set OUT=another folder)" >&2
+  exit 1
 fi
 "$PY" -m mose_ds.train --config ds_configs/small_cpu.yaml data.path="$OUT/data" logging.out_dir="$OUT" "$@"
 "$PY" tools/calibrate_gamma.py --ckpt "$OUT" --mode both --out "$OUT/gamma_table.yaml" --force
-"$PY" tools/evaluate.py sweep --ckpt "$OUT" --table "$OUT/gamma_table.yaml" --batches 32 \
+"$PY" tools/evaluate.py sweep --ckpt "$OUT" --table "$OUT/gamma_table.yaml" --batches 27 \
   --out "$OUT/pareto" --force
 "$PY" tools/evaluate.py routing --ckpt "$OUT" --out "$OUT/routing" --force
