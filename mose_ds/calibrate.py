@@ -6,7 +6,7 @@ calibration stream with every model weight frozen.
 
 Relaxation. Hard widths m = ceil(w * H) are piecewise constant in gamma, so their gradient is
 zero almost everywhere. During calibration each expert instead weights hidden unit j by
-clamp(w * H - j, 0, 1) (a soft prefix mask, `SlimmableFFN.forward_relaxed`): the loss
+clamp(w * H - j, 0, 1) (a soft prefix mask, `experts.RelaxedKernel`): the loss
 becomes the linear interpolation between neighbouring hard widths, exact at whole units,
 and d loss / d w is the effect of the partially included unit. gamma is optimised as
 log gamma (positive by construction, scale-free steps) with plain SGD. Clipping at wmin/wmax
@@ -24,7 +24,7 @@ import torch
 
 from .inference import EvalResult, evaluate_policy, weights_digest
 from .model import MoSEGPT, lm_loss
-from .widths import normprob_policy
+from .widths import NormProbPolicy
 
 MODES = ("shared", "layerwise")
 
@@ -37,8 +37,8 @@ class PolicySettings:
     exact_budget: bool = False
     grid: list[float] | None = None      # round deployed widths to this grid; None = continuous
 
-    def policy(self, budget: float, gamma, relaxed: bool = False):
-        return normprob_policy(budget, gamma, self.wmin, self.wmax, self.grid, self.exact_budget, relaxed)
+    def policy(self, budget: float, gamma) -> NormProbPolicy:
+        return NormProbPolicy(budget, gamma, self.wmin, self.wmax, self.grid, self.exact_budget)
 
 
 @dataclass
@@ -85,7 +85,7 @@ def calibrate(model: MoSEGPT, batches: Sequence[tuple[torch.Tensor, torch.Tensor
 
     trajectory = []
     for step, (x_BS, y_BS) in enumerate(batches):
-        logits_BSV, _ = model(x_BS.to(device), settings.policy(budget, gammas(), relaxed=True))
+        logits_BSV, _ = model(x_BS.to(device), settings.policy(budget, gammas()), relaxed=True)
         loss = lm_loss(logits_BSV, y_BS.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -95,6 +95,6 @@ def calibrate(model: MoSEGPT, batches: Sequence[tuple[torch.Tensor, torch.Tensor
             on_step(step, trajectory[-1])
 
     gamma = gammas().detach().cpu()
-    relaxed = evaluate_policy(model, batches, settings.policy(budget, gamma, relaxed=True))
+    relaxed = evaluate_policy(model, batches, settings.policy(budget, gamma), relaxed=True)
     hard = evaluate_policy(model, batches, settings.policy(budget, gamma))
     return CalibrationResult(budget, mode, gamma.tolist(), relaxed.loss, hard.loss, hard, trajectory)

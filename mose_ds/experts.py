@@ -1,18 +1,34 @@
-"""The slimmable expert (paper section 2.2, eqs. 2 and 4).
+"""The slimmable expert and the per-expert kernels (paper section 2.2, eqs. 2 and 4).
 
 An FFN d -> H -> d whose width-w version uses only the first m(w) = ceil(w * H) hidden
 units: `W_up[:m]` and `W_down[:m]` (gate and up together for SwiGLU). Slicing, not
 masking, so a width-w expert costs about w of the full one. Weights are stored
 hidden-major ([H, D]) so every slice is a contiguous block of rows.
+
+Expert kernels share one interface: `kernel(experts, rows) -> (y_ND, units)` takes
+`ExpertRows` (rows already grouped by local expert, widest first inside an expert, with their
+hidden sizes and a host histogram of them) and returns the outputs in the same row order and
+the hidden units it computed (FLOPs accounting). Each kernel orders rows internally as it needs:
+
+* `LoopKernel`: expert by expert, each in at most MAX_RANGES product pairs (`plan_ranges`);
+* `grouped.GroupedKernel`: every expert at once in grouped products, bucket by bucket;
+* `RelaxedKernel`: gamma calibration's differentiable soft prefix mask.
+
+Kernels plan from the host histogram only: no kernel reads the device (the MoE layer's one
+host sync brought the histogram), and backward reuses the forward's plan.
+
+Shape legend: N rows, D model dim, H expert hidden, U units of one range, L local experts,
+M = H + 1 hidden sizes (0..H).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .widths import hidden_units
 
 MAX_RANGES = 8     # hidden-unit ranges (product pairs) per expert call
 RANGE_ALIGN = 64   # range ends fall on multiples of this many units (but the last), so the
@@ -21,7 +37,7 @@ RANGE_ALIGN = 64   # range ends fall on multiples of this many units (but the la
 
 def plan_ranges(sizes, counts, hidden: int, max_ranges: int = MAX_RANGES,
                 align: int = RANGE_ALIGN) -> list[tuple[int, int, int, int]]:
-    """The hidden-unit ranges `forward_sorted` runs for rows with these distinct positive
+    """The hidden-unit ranges `LoopKernel` runs for rows with these distinct positive
     sizes (ascending) and row counts (host tensors or lists): (lo, hi, n, full) per range,
     units lo..hi-1 running on the n widest rows, of which the `full` widest have all of them.
     The range ends are `plan_ends`."""
@@ -83,6 +99,37 @@ def _cheapest_ends(cand_K: torch.Tensor, rows_K: torch.Tensor, max_ranges: int) 
     return cand_K[picked[::-1]]
 
 
+def activate(up_nU: torch.Tensor, gate_nU: torch.Tensor | None) -> torch.Tensor:
+    """The hidden activation: GELU of the up projection, or SwiGLU when there is a gate."""
+    return F.gelu(up_nU) if gate_nU is None else F.silu(gate_nU) * up_nU
+
+
+def activation_backward(dh_nU: torch.Tensor, up_nU: torch.Tensor, gate_nU: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of `activate` for its inputs (up, gate) from the hidden gradient, recomputing
+    the activation from the saved pre-activations. Overwrites dh_nU (SwiGLU)."""
+    if gate_nU is None:
+        return torch.ops.aten.gelu_backward(dh_nU, up_nU), None
+    dup_nU = dh_nU * F.silu(gate_nU)
+    return dup_nU, torch.ops.aten.silu_backward(dh_nU.mul_(up_nU), gate_nU)
+
+
+def zero_missing_units(h_nU: torch.Tensor, m_N: torch.Tensor, lo: int, full: int) -> torch.Tensor:
+    """Zero, in place, the units of h (units lo.. of the first n rows, sorted widest first)
+    that lie at or past each row's size. Only rows from `full` on can have such units."""
+    n, U = h_nU.shape
+    if full < n:
+        units_U = torch.arange(lo, lo + U, device=h_nU.device)
+        h_nU[full:].mul_((units_U < m_N[full:n, None]).to(h_nU.dtype))
+    return h_nU
+
+
+def unpermute(y_ND: torch.Tensor, order_N: torch.Tensor) -> torch.Tensor:
+    """The rows of y back where they came from (y = x[order]): a scatter with distinct
+    indices, whose backward is a gather (no atomic adds, bitwise reproducible)."""
+    return y_ND.new_empty(y_ND.shape).index_copy_(0, order_N, y_ND)
+
+
 class SlimmableFFN(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu"):
         super().__init__()
@@ -96,78 +143,97 @@ class SlimmableFFN(nn.Module):
         self.w_up = nn.Parameter(torch.empty(shape))
         self.w_down = nn.Parameter(torch.empty(shape))
 
-    def _hidden(self, x_ND: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Hidden units lo..hi-1 of every row after the activation (SwiGLU: gated)."""
-        if self.activation == "swiglu":
-            return F.silu(F.linear(x_ND, self.w_gate[lo:hi])) * F.linear(x_ND, self.w_up[lo:hi])
-        return F.gelu(F.linear(x_ND, self.w_up[lo:hi]))                 # [N, hi - lo]
+    def hidden(self, x_ND: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Hidden units lo..hi-1 of every row after the activation, in autograd ops."""
+        gate = F.linear(x_ND, self.w_gate[lo:hi]) if self.activation == "swiglu" else None
+        return activate(F.linear(x_ND, self.w_up[lo:hi]), gate)          # [N, hi - lo]
 
     def forward(self, x_ND: torch.Tensor, m: int) -> torch.Tensor:
         """All N rows at one hidden size m (1 <= m <= H)."""
-        return self._ranged(x_ND, None, [(0, m, x_ND.shape[0], x_ND.shape[0])])   # [N, D]
+        return self.ranged(x_ND, None, [(0, m, x_ND.shape[0], x_ND.shape[0])])   # [N, D]
 
-    def _ranged(self, x_ND, m_N, ranges) -> torch.Tensor:
+    def ranged(self, x_ND: torch.Tensor, m_N: torch.Tensor | None, ranges) -> torch.Tensor:
+        """Rows sorted widest first (sizes m_N) through the hidden-unit `ranges` of `plan_ranges`."""
         gate = self.w_gate if self.activation == "swiglu" else None
         return _RangedFFN.apply(x_ND, m_N, ranges, self.w_up, self.w_down, gate)
 
-    def forward_slots(self, x_ND: torch.Tensor, m_N: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Each row at its own hidden size, rows in any order; rows with m = 0 are empty
-        slots and stay zero. Returns the output and the hidden units computed (summed over
-        rows: FLOPs accounting). Sorts the rows and runs `forward_sorted`."""
-        m_sorted, order_N = torch.sort(m_N, descending=True, stable=True)
-        out_sorted, units = self.forward_sorted(x_ND.index_select(0, order_N), m_sorted)
-        return torch.zeros_like(out_sorted).index_copy(0, order_N, out_sorted), units
 
-    def forward_sorted(self, x_ND: torch.Tensor, m_N: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """`forward_slots` for rows already sorted widest first (m_N non-increasing), as the
-        MoE layer orders them: no sort and unsort of the rows here.
+@dataclass
+class ExpertRows:
+    """Kept (token, expert) slots as rows for this rank's local experts: grouped by local
+    expert (0, 1, ...), widest first inside each expert."""
+    x_ND: torch.Tensor
+    m_N: torch.Tensor            # hidden units of each row (>= 1)
+    expert_N: torch.Tensor       # local expert of each row
+    counts_LM: torch.Tensor      # host [L, H + 1]: rows per (local expert, hidden size)
+    w_N: torch.Tensor | None = None   # continuous widths (a relaxed forward only)
 
-        The hidden units are cut into at most MAX_RANGES ranges (`plan_ranges`); range
-        [lo, hi) runs one up and one down product on the rows wider than lo (a prefix of the
-        rows), with the units a row does not have zeroed. Work is the sum of the rows' sizes
-        each rounded up to a range end: proportional to the executed widths, in a bounded
-        number of products whatever the number of distinct widths.
-        """
-        N = x_ND.shape[0]
-        sizes_U, counts_U = torch.unique_consecutive(m_N, return_counts=True)
-        sizes_U, counts_U = torch.stack([sizes_U, counts_U]).cpu().flip(1)    # ascending; one host sync
-        if bool((sizes_U[1:] <= sizes_U[:-1]).any()):
-            raise ValueError("forward_sorted: rows must be sorted widest first (m non-increasing)")
-        if len(sizes_U) and sizes_U[0] == 0:
-            sizes_U, counts_U = sizes_U[1:], counts_U[1:]                # empty slots
-        if not len(sizes_U):
-            # No slot for this expert: still return an output that depends on its weights
-            # (with zero gradient), so every rank reduces the same gradients and enters the
-            # same backward all-to-alls whatever the routing did.
-            return F.pad(self(x_ND[:0], 1), (0, 0, 0, N)), 0
-        if len(sizes_U) == 1 and counts_U[0] == N:
-            m = int(sizes_U[0])
-            return self(x_ND, m), N * m                                 # every row, one width
-        ranges = plan_ranges(sizes_U, counts_U, self.ffn_hidden_size)
-        units = sum(n * (hi - lo) for lo, hi, n, _ in ranges)
-        return self._ranged(x_ND, m_N, ranges), units
+    def rows_per_expert(self) -> list[int]:
+        return self.counts_LM.sum(1).tolist()
 
-    def forward_relaxed(self, x_ND: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
-        """The differentiable relaxation of `forward_slots` used to calibrate gamma.
+    def sizes(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct hidden sizes of one expert's rows (ascending) and their row counts."""
+        counts_M = self.counts_LM[expert]
+        sizes_U = counts_M.nonzero().squeeze(1)
+        return sizes_U, counts_M[sizes_U]
 
-        Hidden unit j of row n is weighted by clamp(w_n * H - j, 0, 1): units below w_n * H
-        count fully, the unit it falls into counts by its fractional part, the rest not at
-        all. At w_n * H integral this equals the sliced expert exactly; in between it is the
-        linear interpolation between the two neighbouring hard widths, so d(output)/d(w) is
-        H times the contribution of the partial unit (finite, and non-zero unless that
-        unit's activation is zero). Rows run at the largest width of the group.
-        """
-        H = self.ffn_hidden_size
-        if x_ND.shape[0] == 0:
-            return self(x_ND, 1)
-        M = int(hidden_units(w_N.detach().max(), H))
-        units_M = torch.arange(M, device=x_ND.device, dtype=torch.float32)
-        mask_NM = (w_N.float().unsqueeze(1) * H - units_M).clamp(0, 1).to(x_ND.dtype)
-        return (self._hidden(x_ND, 0, M) * mask_NM) @ self.w_down[:M]   # [N, D]
+
+class ExpertKernel(Protocol):
+    def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int]: ...
+
+
+class LoopKernel:
+    """Expert by expert: an expert's rows at one size run as one product pair; rows at several
+    sizes run through at most MAX_RANGES hidden-unit ranges (`plan_ranges`), range [lo, hi)
+    on the rows wider than lo (a prefix, rows being widest first), units a row does not have
+    zeroed. Work is each row's size rounded up to a range end: proportional to the executed
+    widths, in a bounded number of products whatever the number of distinct widths."""
+
+    def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int]:
+        outs, units = [], 0
+        parts = rows.rows_per_expert()
+        for j, (expert, x_nD, m_n) in enumerate(zip(experts, rows.x_ND.split(parts), rows.m_N.split(parts))):
+            sizes_U, counts_U = rows.sizes(j)
+            if len(sizes_U) <= 1:
+                # One size, or none: an idle expert still runs (on no row) so that its weights
+                # get a zero gradient and every rank reduces the same gradients.
+                m = int(sizes_U[0]) if len(sizes_U) else 1
+                outs.append(expert(x_nD, m))
+                units += x_nD.shape[0] * m
+                continue
+            ranges = plan_ranges(sizes_U, counts_U, expert.ffn_hidden_size)
+            outs.append(expert.ranged(x_nD, m_n, ranges))
+            units += sum(n * (hi - lo) for lo, hi, n, _ in ranges)
+        return torch.cat(outs), units
+
+
+class RelaxedKernel:
+    """The differentiable relaxation used to calibrate gamma (`relaxed=True` forwards).
+
+    Hidden unit j of row n is weighted by clamp(w_n * H - j, 0, 1): units below w_n * H
+    count fully, the unit it falls into counts by its fractional part, the rest not at
+    all. At w_n * H integral this equals the sliced expert exactly; in between it is the
+    linear interpolation between the two neighbouring hard widths, so d(output)/d(w) is
+    H times the contribution of the partial unit (finite, and non-zero unless that
+    unit's activation is zero). An expert's rows run at its widest row's units (from the
+    host histogram: no device read), which is also what is counted.
+    """
+
+    def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int]:
+        outs, units = [], 0
+        parts = rows.rows_per_expert()
+        for j, (expert, x_nD, w_n) in enumerate(zip(experts, rows.x_ND.split(parts), rows.w_N.split(parts))):
+            sizes_U, _ = rows.sizes(j)
+            M = int(sizes_U[-1]) if len(sizes_U) else 1
+            units_M = torch.arange(M, device=x_nD.device, dtype=torch.float32)
+            mask_nM = (w_n.float().unsqueeze(1) * expert.ffn_hidden_size - units_M).clamp(0, 1)
+            outs.append((expert.hidden(x_nD, 0, M) * mask_nM.to(x_nD.dtype)) @ expert.w_down[:M])
+            units += x_nD.shape[0] * M
+        return torch.cat(outs), units
 
 
 class _RangedFFN(torch.autograd.Function):
-    """The hidden-unit ranges of `SlimmableFFN.forward_sorted`, forward and backward by hand.
+    """The hidden-unit ranges of `LoopKernel`, forward and backward by hand.
 
     Written out because autograd's backward of a weight slice `w[lo:hi]` materialises a
     zero [H, D] gradient per range and adds it to the total (one full weight gradient per
@@ -184,13 +250,14 @@ class _RangedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, m_N, ranges, w_up, w_down, w_gate):
         out_ND = torch.empty_like(x_ND)
-        out_ND[ranges[0][2]:].zero_()          # empty slots (the first range has every other row)
+        out_ND[ranges[0][2]:].zero_()          # rows past the first range's (none, in practice)
         saved = []
         for lo, hi, n, full in ranges:
             x_nD = x_ND[:n]
             up_nU = x_nD @ w_up[lo:hi].t()                                   # [n, hi - lo]
             gate_nU = x_nD @ w_gate[lo:hi].t() if w_gate is not None else None
-            _accumulate(out_ND[:n], _activate(up_nU, gate_nU, m_N, lo, full), w_down[lo:hi], lo == 0)
+            h_nU = zero_missing_units(activate(up_nU, gate_nU), m_N, lo, full)
+            _accumulate(out_ND[:n], h_nU, w_down[lo:hi], lo == 0)
             saved += [up_nU, gate_nU]
         ctx.ranges = ranges
         ctx.save_for_backward(x_ND, m_N, w_up, w_down, w_gate, *saved)
@@ -211,13 +278,11 @@ class _RangedFFN(torch.autograd.Function):
             up_nU, gate_nU = saved[2 * j:2 * j + 2]
             x_nD, g_nD = x_ND[:n], g_ND[:n]
             if want_w:
-                torch.mm(_activate(up_nU, gate_nU, m_N, lo, full).t(), g_nD, out=d_down[lo:hi])
-            dh_nU = _zero_missing_units(g_nD @ w_down[lo:hi].t(), m_N, lo, full)   # [n, hi - lo]
-            if gate_nU is None:
-                dup_nU = torch.ops.aten.gelu_backward(dh_nU, up_nU)
-            else:
-                dup_nU = dh_nU * F.silu(gate_nU)
-                dgate_nU = torch.ops.aten.silu_backward(dh_nU.mul_(up_nU), gate_nU)
+                h_nU = zero_missing_units(activate(up_nU, gate_nU), m_N, lo, full)
+                torch.mm(h_nU.t(), g_nD, out=d_down[lo:hi])
+            dh_nU = zero_missing_units(g_nD @ w_down[lo:hi].t(), m_N, lo, full)   # [n, hi - lo]
+            dup_nU, dgate_nU = activation_backward(dh_nU, up_nU, gate_nU)
+            if dgate_nU is not None:
                 if want_w:
                     torch.mm(dgate_nU.t(), x_nD, out=d_gate[lo:hi])
                 if want_x:
@@ -242,20 +307,3 @@ def _grad_buffer(w_HD: torch.Tensor, m_max: int) -> torch.Tensor:
     d_HD = torch.empty_like(w_HD)
     d_HD[m_max:].zero_()
     return d_HD
-
-
-def _zero_missing_units(h_nU: torch.Tensor, m_N: torch.Tensor, lo: int, full: int) -> torch.Tensor:
-    """Zero, in place, the units of h (range lo.. of the first n sorted rows) that lie at or
-    past each row's size. Only rows from `full` on can have such units."""
-    n, U = h_nU.shape
-    if full < n:
-        units_U = torch.arange(lo, lo + U, device=h_nU.device)
-        h_nU[full:].mul_((units_U < m_N[full:n, None]).to(h_nU.dtype))
-    return h_nU
-
-
-def _activate(up_nU, gate_nU, m_N, lo: int, full: int) -> torch.Tensor:
-    """The hidden activation of one range (GELU, or SwiGLU when there is a gate), with the
-    units rows do not have zeroed."""
-    h_nU = F.gelu(up_nU) if gate_nU is None else F.silu(gate_nU) * up_nU
-    return _zero_missing_units(h_nU, m_N, lo, full)

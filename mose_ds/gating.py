@@ -50,17 +50,25 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, factor: float, mi
     return max(1, min(num_tokens, max(cap, min_capacity)))
 
 
-def assign_slots(idx_TK: torch.Tensor, num_experts: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_counts(idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routed choices per expert (before capacity) [E]: an integer histogram, so exact in any
+    summation order, and sized on the host (bincount would wait for the device to size it)."""
+    flat_N = idx_TK.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat_N.device).index_add_(
+        0, flat_N, torch.ones_like(flat_N))
+
+
+def assign_slots(idx_TK: torch.Tensor, counts_E: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Position of each (token, choice) inside its expert's buffer, and whether it fits.
 
     Choices are ranked choice-major (every token's first choice, then every second
     choice, ...), so top-1 choices fill capacity before top-2 choices. A stable sort by
     expert keeps that order inside each expert; memory is O(T * K), linear in tokens.
+    `counts_E`: `expert_counts(idx_TK, E)`.
     """
     T, K = idx_TK.shape
     flat_N = idx_TK.t().reshape(-1)                                   # [K*T], choice-major
     order_N = torch.argsort(flat_N, stable=True)
-    counts_E = torch.bincount(flat_N, minlength=num_experts)
     starts_E = counts_E.cumsum(0) - counts_E
     pos_N = torch.empty_like(flat_N)
     pos_N[order_N] = torch.arange(flat_N.numel(), device=flat_N.device) - starts_E[flat_N[order_N]]
@@ -68,15 +76,14 @@ def assign_slots(idx_TK: torch.Tensor, num_experts: int, capacity: int) -> tuple
     return pos_TK, pos_TK < capacity
 
 
-def load_balance_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+def load_balance_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Switch-style balance loss E * sum_e f_e * P_e; equals 1 at perfect balance.
 
-    f_e: fraction of routed choices sent to e (before capacity), P_e: mean router
-    probability of e over all experts' softmax.
+    f_e: fraction of routed choices sent to e (before capacity; `counts_E` from
+    `expert_counts`), P_e: mean router probability of e over all experts' softmax.
     """
     E = probs_TE.shape[-1]
-    counts_E = torch.bincount(idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
-    f_E = counts_E / idx_TK.numel()
+    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1)
     return E * (f_E * probs_TE.mean(0)).sum()
 
 
@@ -88,8 +95,10 @@ def sequence_balance_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor, batch: i
     T, E = probs_TE.shape
     K, S = idx_TK.shape[-1], T // batch
     choices_BN = idx_TK.view(S, batch, K).permute(1, 0, 2).reshape(batch, S * K)
-    f_BE = torch.zeros(batch, E, dtype=probs_TE.dtype, device=probs_TE.device).scatter_add_(
-        1, choices_BN, torch.ones_like(choices_BN, dtype=probs_TE.dtype)) * (E / (S * K))
+    # integer counts: exact whatever order the device adds them in (run-to-run identical)
+    counts_BE = torch.zeros(batch, E, dtype=torch.long, device=probs_TE.device).scatter_add_(
+        1, choices_BN, torch.ones_like(choices_BN))
+    f_BE = counts_BE.to(probs_TE.dtype) * (E / (S * K))
     return (f_BE * probs_TE.view(S, batch, E).mean(0)).sum(1).mean()
 
 
@@ -100,22 +109,33 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RoutingStats:
-    """Per-layer diagnostics of one forward (detached; paper appendix B.5)."""
+    """Per-layer diagnostics of one forward (paper appendix B.5): detached device tensors,
+    read at logging steps. The statistics are computed when read, not in every forward."""
     load_balance: torch.Tensor
     z_loss: torch.Tensor
-    load_cv: torch.Tensor
-    entropy: torch.Tensor
-    dropped_frac: torch.Tensor
-    counts_E: torch.Tensor
+    counts_E: torch.Tensor        # routed choices per expert (before capacity)
+    kept: torch.Tensor            # routed choices that found a slot
+    routed: int                   # routed choices, T K
+
+    @property
+    def load_cv(self) -> torch.Tensor:
+        """Coefficient of variation of the expert loads."""
+        counts_E = self.counts_E.float()
+        return counts_E.std(unbiased=False) / counts_E.mean().clamp_min(1e-12)
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """Entropy of the expert-selection histogram over its maximum, log E."""
+        share_E = self.counts_E.float() / self.counts_E.sum().clamp_min(1)
+        return -(share_E * share_E.clamp_min(1e-12).log()).sum() / math.log(max(self.counts_E.numel(), 2))
+
+    @property
+    def dropped_frac(self) -> torch.Tensor:
+        """The fraction of routed choices dropped for lack of capacity."""
+        return 1.0 - self.kept.float() / max(self.routed, 1)
 
 
-def routing_stats(idx_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int,
-                  load_balance: torch.Tensor, z_loss: torch.Tensor) -> RoutingStats:
-    """Load coefficient of variation, normalised entropy of the expert-selection histogram,
-    and the fraction of routed choices dropped for lack of capacity."""
-    counts_E = torch.bincount(idx_TK.reshape(-1), minlength=num_experts).float()
-    share_E = counts_E / counts_E.sum().clamp_min(1)
-    entropy = -(share_E * share_E.clamp_min(1e-12).log()).sum() / math.log(max(num_experts, 2))
-    cv = counts_E.std(unbiased=False) / counts_E.mean().clamp_min(1e-12)
-    dropped = 1.0 - keep_TK.float().mean()
-    return RoutingStats(load_balance.detach(), z_loss.detach(), cv, entropy, dropped, counts_E)
+def routing_stats(counts_E: torch.Tensor, keep_TK: torch.Tensor, load_balance: torch.Tensor,
+                  z_loss: torch.Tensor) -> RoutingStats:
+    """The diagnostics of one forward from its expert histogram (`expert_counts`) and kept slots."""
+    return RoutingStats(load_balance.detach(), z_loss.detach(), counts_E, keep_TK.sum(), keep_TK.numel())

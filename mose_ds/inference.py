@@ -153,13 +153,14 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_policy(model: MoSEGPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                    policy: WidthPolicy) -> EvalResult:
-    """Token-averaged LM loss, perplexity and executed FLOPs of `policy` on `batches`."""
+                    policy: WidthPolicy, relaxed: bool = False) -> EvalResult:
+    """Token-averaged LM loss, perplexity and executed FLOPs of `policy` on `batches`
+    (`relaxed`: gamma calibration's differentiable forward)."""
     device = next(model.parameters()).device
     meter = FlopsMeter(model.cfg, model.moe_cfg)
     loss_sum, n, dropped, counts = 0.0, 0, 0.0, None
     for x_BS, y_BS in batches:
-        logits_BSV, routing = model(x_BS.to(device), policy)
+        logits_BSV, routing = model(x_BS.to(device), policy, relaxed=relaxed)
         tokens = y_BS.numel()
         loss_sum += lm_loss(logits_BSV, y_BS.to(device)).item() * tokens
         n += tokens

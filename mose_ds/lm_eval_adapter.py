@@ -35,7 +35,7 @@ from .model import MoSEGPT
 from .policies import PolicyError, PolicySpec, build_policy
 from .scoring import Scorer
 from .tokenizer import TextCodec
-from .widths import FULL_WIDTH, WidthPolicy, normprob_policy, uniform_policy
+from .widths import FULL_WIDTH, WidthPolicy, NormProbPolicy, UniformPolicy
 
 DEFAULT_MAX_GEN_TOKS = 256
 # Arguments the harness passes to every model; scoring is one sequence at a time.
@@ -62,9 +62,9 @@ def _policy_from_args(args: dict, cfg: RunConfig | None, identity: dict) -> Widt
     if kind == "full":
         return FULL_WIDTH
     if kind == "uniform":
-        return uniform_policy(1.0 if spec.width is None else spec.width)
+        return UniformPolicy(1.0 if spec.width is None else spec.width)
     if kind == "normprob" and spec.budget is not None:
-        return normprob_policy(spec.budget, spec.gamma, exact_budget=spec.exact_budget)
+        return NormProbPolicy(spec.budget, spec.gamma, exact_budget=spec.exact_budget)
     raise PolicyError(f"an in-memory model takes policy=full, uniform (width=) or normprob (budget=), "
                       f"not {kind!r}")
 

@@ -111,6 +111,16 @@ def model_states(counts: ParamCounts, world: int, ep: int, zero_stage: int, prec
             "optimizer": optimizer, "step_temporary": temp}
 
 
+def grouped_stack_bytes(counts: ParamCounts, ep: int, zero_stage: int, precision: str, kernel: str) -> float:
+    """What the grouped expert kernel keeps besides the weights (`grouped.WeightStacks`): it
+    reads each MoE layer's local expert weights as [L, H, D] stacks. Under ZeRO-1/2 they are
+    views of DeepSpeed's flat parameter buffer (nothing); without ZeRO (fp32 only, so only an
+    explicit `moe.expert_kernel: grouped`) one copy of the local expert weights, rebuilt after
+    each optimizer step."""
+    grouped = kernel == "grouped" or (kernel == "auto" and precision == "bf16")
+    return _bytes(precision) * counts.expert / ep if grouped and zero_stage == 0 else 0.0
+
+
 def reduce_buffers(counts: ParamCounts, ep: int, zero_stage: int, precision: str,
                    reduce_bucket_size: int, overlap_comm: bool) -> float:
     """Gradient-reduction buckets of ZeRO (two with `overlap_comm`), capped by the local size."""
@@ -182,22 +192,39 @@ def capacity(s: ActivationShape, tokens: int) -> int:
     return expert_capacity(tokens, s.num_experts, s.top_k, s.capacity_factor, s.min_capacity)
 
 
-def _moe(s: ActivationShape, tokens: int, width: float, a: int, ep: int) -> float:
-    """MoE FFN per token: fp32 router input and routing tensors, then per kept slot its
-    gathered input D, the expert's hidden tensors at m units and the weighted output (2D);
-    the shared experts at full width. With expert parallelism the received capacity buffer
-    `[E * C, D]` is kept too."""
+def kept_slots(s: ActivationShape, tokens: int) -> float:
+    """Kept (token, expert) slots per token: k, or what capacity leaves of them (at most E C
+    over the tokens; routing fills capacity unevenly, so this is an upper bound)."""
+    return min(float(s.top_k), s.num_experts * capacity(s, tokens) / tokens)
+
+
+def _moe(s: ActivationShape, tokens: int, width: float, a: int) -> float:
+    """MoE FFN per token: fp32 router input and routing tensors, then per kept slot its row
+    as the expert kernel's input D, the expert's hidden tensors at m units, its output row D
+    (kept by the combine for p's gradient) and two indices (the slot's row, the row's slot);
+    the shared experts at full width. Expert parallelism keeps nothing more: rows cross
+    ranks exactly (`dispatch.py`), and the received rows are the kernel's input."""
     D, E, K = s.hidden, s.num_experts, s.top_k
     m = max(1, math.ceil(width * s.expert_hidden))
-    C = capacity(s, tokens)
-    slots = min(float(K), E * C / tokens)                  # kept (token, expert) slots per token
     routing = FP32 * (D + 3 * E) + 24 * K + 4
-    per_slot = a * (D + _ffn_units(m, s.swiglu) + 2 * D)
-    received = a * E * C * D / tokens if ep > 1 else 0.0
+    per_slot = a * (2 * D + _ffn_units(m, s.swiglu)) + 16
     shared = 0.0
     if s.shared_hidden:   # its input is the router's fp32 copy in fp32, a bf16 tensor of its own in bf16
         shared = a * _ffn_units(s.shared_hidden, s.swiglu) + (a * D if a != FP32 else 0)
-    return routing + slots * per_slot + received + shared
+    return routing + kept_slots(s, tokens) * per_slot + shared
+
+
+def moe_layer(s: ActivationShape, tokens: int, width: float, precision: str, ep: int) -> dict[str, float]:
+    """Bytes of one MoE layer's forward on `tokens` tokens: what it keeps for backward, and
+    the largest transient on top of it, the larger of the all-to-all's send and receive
+    buffers (expert parallelism: kept rows, 2 N D a) and the combine's working set (a padded
+    copy of the output rows, and the fp32 sum and gathered row of every token: N D a + 8 T D)."""
+    a = _bytes(precision)
+    N, D = kept_slots(s, tokens) * tokens, s.hidden
+    saved = tokens * _moe(s, tokens, width, a)
+    exchange = 2 * N * D * a if ep > 1 else 0.0
+    transient = max(exchange, N * D * a + 2 * FP32 * tokens * D)
+    return {"saved": saved, "transient": transient, "peak": saved + transient}
 
 
 def _dense(s: ActivationShape, a: int) -> float:
@@ -206,14 +233,14 @@ def _dense(s: ActivationShape, a: int) -> float:
 
 
 def block_bytes(s: ActivationShape, moe: bool, tokens: int, seq: int, width: float, a: int,
-                ep: int, fused: bool) -> float:
+                fused: bool) -> float:
     """Bytes per token one block keeps for backward (one forward, expert width `width`)."""
-    mlp = _moe(s, tokens, width, a, ep) if moe else _dense(s, a)
+    mlp = _moe(s, tokens, width, a) if moe else _dense(s, a)
     return 2 * _norm(s, a) + _attention(s, seq, a, fused) + mlp
 
 
 def activations(s: ActivationShape, micro_batch: int, seq: int, precision: str, widths: tuple[float, ...],
-                recompute: bool, ep: int = 1, fused_attention: bool = False) -> dict[str, float]:
+                recompute: bool, fused_attention: bool = False) -> dict[str, float]:
     """Bytes per GPU of activations for one micro-batch.
 
     `widths`: the expert widths whose forwards are alive together (the full-width and the
@@ -227,11 +254,11 @@ def activations(s: ActivationShape, micro_batch: int, seq: int, precision: str, 
     head = _norm(s, a) + a * D + FP32 * V + 8          # final norm, head input, log-softmax; token ids
     saved = 0.0
     for w in widths:
-        blocks = [block_bytes(s, True, T, seq, w, a, ep, fused_attention)] * s.moe_layers + \
-                 [block_bytes(s, False, T, seq, w, a, ep, fused_attention)] * dense_layers
+        blocks = [block_bytes(s, True, T, seq, w, a, fused_attention)] * s.moe_layers + \
+                 [block_bytes(s, False, T, seq, w, a, fused_attention)] * dense_layers
         saved += T * (head + (s.num_layers * a * D if recompute else sum(blocks)))
     if recompute:   # one block re-run in backward, at the widest width
-        saved += T * max(block_bytes(s, moe, T, seq, max(widths), a, ep, fused_attention)
+        saved += T * max(block_bytes(s, moe, T, seq, max(widths), a, fused_attention)
                          for moe in (True, False) if (s.moe_layers if moe else dense_layers))
     scores = 0 if (s.family != "gpt2" and fused_attention) else (FP32 + a) * s.heads * seq
     transient = T * max(2 * FP32 * V, scores)   # loss gradient over V, or one block's score gradients
@@ -242,7 +269,7 @@ def activations(s: ActivationShape, micro_batch: int, seq: int, precision: str, 
 
 def peak(states: dict[str, float], act: float, buffers: float) -> dict[str, float]:
     """The two peaks of an iteration (end of forward / start of backward, and the optimizer
-    step) and the larger of them."""
+    step) and the larger of them; `buffers` is what persists besides model states."""
     persistent = states["weights"] + states["optimizer"] + buffers
     backward = persistent + states["gradients_backward"] + act
     step = persistent + states["gradients_step"] + states["step_temporary"]
@@ -263,9 +290,12 @@ def plan(cfg, counts: ParamCounts, cluster: Cluster, grad_accum_dtype: str = "fp
     states = model_states(counts, world, ep, e.zero_stage, e.precision, grad_accum_dtype)
     widths = (1.0, cfg.mose.width_max) if cfg.mose.enabled and cfg.mose.two_pass == "joint" else (1.0,)
     act = activations(activation_shape(cfg.model, cfg.moe), cfg.train.micro_batch_size, cfg.model.seq_len,
-                      e.precision, widths, cfg.train.activation_checkpointing, ep, fused_attention)
+                      e.precision, widths, cfg.train.activation_checkpointing, fused_attention)
     buffers = reduce_buffers(counts, ep, e.zero_stage, e.precision, e.reduce_bucket_size, e.overlap_comm)
-    peaks = peak(states, act["total"], buffers)
+    stacks = grouped_stack_bytes(counts, ep, e.zero_stage, e.precision, cfg.moe.expert_kernel)
+    layer = moe_layer(activation_shape(cfg.model, cfg.moe), cfg.train.micro_batch_size * cfg.model.seq_len,
+                      1.0, e.precision, ep) if cfg.model.num_moe_layers else None
+    peaks = peak(states, act["total"], buffers + stacks)
     usable = cluster.gpu_memory_gib * GiB * (1 - reserve)
     return {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "world": world,
             "expert_parallel": ep, "zero_stage": e.zero_stage, "precision": e.precision,
@@ -273,7 +303,7 @@ def plan(cfg, counts: ParamCounts, cluster: Cluster, grad_accum_dtype: str = "fp
             "micro_batch": cfg.train.micro_batch_size, "seq_len": cfg.model.seq_len,
             "activation_checkpointing": cfg.train.activation_checkpointing, "widths_alive": list(widths),
             **states, "activations_saved": act["saved"], "activations_transient": act["transient"],
-            "activations": act["total"], "buffers": buffers, **peaks,
+            "activations": act["total"], "buffers": buffers, "expert_stacks": stacks, "moe_layer": layer, **peaks,
             "gpu_memory": cluster.gpu_memory_gib * GiB, "usable": usable, "fits": peaks["peak"] <= usable}
 
 

@@ -6,8 +6,8 @@ blocks keep megatron's dense MLP. Learned absolute positions, tied input/output
 embeddings, no linear biases, no dropout (DESIGN section 3).
 
 The model is single-device code: expert-parallel groups, ZeRO and optimizer groups are
-set up in `engine.py`. Widths reach the MoE layers only through the `width_policy`
-argument of `forward`.
+set up in `engine.py`. Widths reach the MoE layers only through the `width_policy` (and
+`relaxed`) arguments of `forward`.
 
 Shape legend: B batch, S sequence, D model dim, V vocabulary.
 """
@@ -73,13 +73,13 @@ class MoSETransformerLayer(TransformerLayer):
     its routing information instead of hiding it on the module.
     """
 
-    def forward(self, hidden_SBD, attention_mask, width_policy: WidthPolicy):
+    def forward(self, hidden_SBD, attention_mask, width_policy: WidthPolicy, relaxed: bool = False):
         hidden_SBD, _ = self._forward_attention(hidden_SBD, attention_mask=attention_mask)
         residual_SBD = hidden_SBD
         x_SBD = self._forward_pre_mlp_layernorm(hidden_SBD)
         routing = None
         if isinstance(self.mlp, SlimmableMoE):
-            out_SBD, routing = self.mlp(x_SBD, width_policy)
+            out_SBD, routing = self.mlp(x_SBD, width_policy, relaxed)
             out_with_bias = (out_SBD, None)
         else:
             out_with_bias = self.mlp(x_SBD)
@@ -140,8 +140,10 @@ class MoSEGPT(nn.Module):
     def moe_layers(self) -> list[SlimmableMoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SlimmableMoE)]
 
-    def forward(self, tokens_BS: torch.Tensor, width_policy: WidthPolicy = FULL_WIDTH
+    def forward(self, tokens_BS: torch.Tensor, width_policy: WidthPolicy = FULL_WIDTH, relaxed: bool = False
                 ) -> tuple[torch.Tensor, list[RoutingInfo]]:
+        """Logits and one RoutingInfo per MoE layer. `relaxed`: gamma calibration's
+        differentiable forward (continuous widths through a soft mask over hidden units)."""
         B, S = tokens_BS.shape
         h_BSD = self.wte(tokens_BS)
         if self.wpe is not None:
@@ -152,9 +154,9 @@ class MoSEGPT(nn.Module):
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:   # non-reentrant: RNG state is replayed, outputs may be any structure
-                h_SBD, info = checkpoint(layer, h_SBD, mask, width_policy, use_reentrant=False)
+                h_SBD, info = checkpoint(layer, h_SBD, mask, width_policy, relaxed, use_reentrant=False)
             else:
-                h_SBD, info = layer(h_SBD, mask, width_policy)
+                h_SBD, info = layer(h_SBD, mask, width_policy, relaxed)
             if info is not None:
                 routing.append(info)
         h_BSD = self.final_norm(h_SBD).transpose(0, 1)

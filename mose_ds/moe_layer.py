@@ -1,23 +1,25 @@
-"""The slimmable MoE layer: DeepSpeed's MoE machinery with our gate and width-carrying slots.
+"""The slimmable MoE layer: DeepSpeed's MoE machinery with our gate, dispatch and experts.
 
 Paper eq. 5: y = sum_i p_i * E_i^{w_i}(x) over the top-k experts of each token.
 
 `SlimmableMoE` subclasses `deepspeed.moe.layer.MoE`, so the DeepSpeed engine recognises it:
 it creates the expert-parallel groups, puts expert parameters into MoE optimizer groups and
 writes one checkpoint file per expert. We keep DeepSpeed's `Experts` container (and with it
-the expert-parameter tags) but replace its gate and its einsum dispatch:
+the expert-parameter tags) and replace the rest. A forward is a short sequence of steps:
 
-* the gate (`Router`) is fp32, bias-free, softmax over the top-k logits, no sampling noise;
-* dispatch is index-based: kept (token, expert) slots are gathered in expert-major order,
-  each with its own hidden size m(w). On one rank every expert runs its contiguous segment
-  (with the grouped kernel all experts run together, on slots laid out by width bucket and
-  expert: `grouped.py`); with expert parallelism the slots are packed into flat `[E * C, D]`
-  capacity blocks that cross ranks, with their hidden sizes, through DeepSpeed's all-to-all
-  over its expert-parallel group. Results are combined with `index_add`. Nothing is ever
-  `[T, E, C]`: memory grows linearly with tokens.
+1. route: fp32 router, top-k, capacity slots, auxiliary losses (`gating.py`);
+2. widths: the width policy's w per routed slot, and its hidden size m(w);
+3. plan: the dispatcher sorts kept slots and brings their counts to the host, the layer's one
+   host sync (`dispatch.py`: local, or all-to-all-v across the expert-parallel group);
+4. dispatch: the rows for this rank's experts;
+5. experts: one expert kernel (`experts.LoopKernel`, `grouped.GroupedKernel`, or gamma
+   calibration's `experts.RelaxedKernel`) on those rows;
+6. combine: each token's weighted sum, in fp32 and a fixed order; then the shared experts.
 
-Shape legend: S sequence, B batch, T = S * B tokens, D model dim, E experts,
-K top-k, C capacity, R expert-parallel ranks, L local experts (E = R * L), H expert hidden.
+Nothing is sized by capacity or is `[T, E, C]`: memory and traffic follow kept slots.
+
+Shape legend: S sequence, B batch, T = S * B tokens, D model dim, E experts, K top-k,
+H expert hidden.
 """
 
 from __future__ import annotations
@@ -26,15 +28,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from deepspeed import comm as dist
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import _AllToAll
 from torch import nn
 
 from . import grouped
 from .config import MoEConfig
-from .experts import SlimmableFFN
-from .gating import (RouterSpec, RoutingStats, assign_slots, expert_capacity, load_balance_loss,
+from .dispatch import AllToAllDispatcher, LocalDispatcher, sort_slots
+from .experts import ExpertKernel, ExpertRows, LoopKernel, RelaxedKernel, SlimmableFFN, unpermute
+from .gating import (RouterSpec, RoutingStats, assign_slots, expert_capacity, expert_counts, load_balance_loss,
                      router_z_loss, routing_stats, sequence_balance_loss, top_k_routing)
 from .widths import WidthPolicy, hidden_units
 
@@ -70,6 +71,19 @@ class RoutingInfo:
     tokens: int                   # T, the tokens this forward routed
 
 
+@dataclass
+class Route:
+    """Step 1's result: each token's experts, their weights, which slots were kept."""
+    idx_TK: torch.Tensor
+    p_TK: torch.Tensor
+    keep_TK: torch.Tensor
+    aux_loss: torch.Tensor
+    stats: RoutingStats
+
+
+LOOP, RELAXED = LoopKernel(), RelaxedKernel()
+
+
 class SlimmableMoE(MoE):
     def __init__(self, config, moe: MoEConfig, ffn_hidden_size: int, activation: str, layer_index: int,
                  router: RouterSpec = RouterSpec(), shared_hidden_size: int = 0):
@@ -96,12 +110,26 @@ class SlimmableMoE(MoE):
         if moe.expert_kernel == "grouped" and not grouped.supported(config.hidden_size, ffn_hidden_size):
             raise ValueError(f"moe.expert_kernel=grouped needs torch._grouped_mm and hidden sizes that are "
                              f"multiples of {grouped.GRANULE}: model {config.hidden_size}, expert {ffn_hidden_size}")
+        self.dispatcher = (LocalDispatcher(moe.num_experts, ffn_hidden_size) if moe.expert_parallel_size == 1
+                           else AllToAllDispatcher(moe.num_experts, ffn_hidden_size, moe.expert_parallel_size))
+        self.grouped_kernel = grouped.GroupedKernel()
 
-    def uses_grouped_kernel(self, x: torch.Tensor) -> bool:
-        """moe.expert_kernel for inputs like x, `auto` resolved (`grouped.auto_picks_grouped`)."""
-        if self.moe.expert_kernel == "auto":
-            return grouped.auto_picks_grouped(x.device, x.dtype, x.shape[-1], self.ffn_hidden_size)
-        return self.moe.expert_kernel == "grouped"
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's group creation (the engine calls this), handing the expert-parallel
+        group to the all-to-all dispatcher."""
+        super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+        self.dispatcher.group = self.deepspeed_moe.ep_group
+
+    def expert_kernel(self, x: torch.Tensor, relaxed: bool) -> ExpertKernel:
+        """The kernel for inputs like x: the relaxation in relaxed forwards, else
+        moe.expert_kernel (`auto` resolved by `grouped.auto_picks_grouped`)."""
+        if relaxed:
+            return RELAXED
+        name = self.moe.expert_kernel
+        if name == "auto":
+            name = "grouped" if grouped.auto_picks_grouped(x.device, x.dtype, x.shape[-1], self.ffn_hidden_size) \
+                else "loop"
+        return self.grouped_kernel if name == "grouped" else LOOP
 
     @property
     def router(self) -> Router:
@@ -111,123 +139,62 @@ class SlimmableMoE(MoE):
     def local_experts(self) -> nn.ModuleList:
         return self.deepspeed_moe.experts.deepspeed_experts
 
-    def forward(self, hidden_SBD: torch.Tensor, width_policy: WidthPolicy):
+    def forward(self, hidden_SBD: torch.Tensor, width_policy: WidthPolicy, relaxed: bool = False):
         S, B, D = hidden_SBD.shape
         x_TD = hidden_SBD.reshape(S * B, D)
-        T, E, K = S * B, self.num_experts, self.k
+        route = self.route(x_TD, B)                                                   # 1.
+        w_TK = width_policy(route.p_TK, self.layer_index, relaxed)                    # 2.
+        m_TK = hidden_units(w_TK, self.ffn_hidden_size, self.moe.width_quantum)
+        shared_sort = self._sort_shared(w_TK)
+        plan = self.dispatcher.plan(route.idx_TK, m_TK, route.keep_TK,              # 3. host sync
+                                    also=shared_sort[2:] if shared_sort else ())
+        rows = self.dispatcher.dispatch(x_TD, plan, w_TK if relaxed else None)        # 4.
+        y_ND, units = self.expert_kernel(x_TD, relaxed)(self.local_experts, rows)     # 5.
+        out_TD = self.dispatcher.combine(y_ND, route.p_TK, plan)                      # 6.
+        if self.shared_ffn is not None:
+            shared_TD, shared_units = self._run_shared(x_TD, shared_sort, plan.also)
+            out_TD, units = out_TD + shared_TD, units + shared_units
+        mean_width = (m_TK.float() / self.ffn_hidden_size).mean()
+        return out_TD.view(S, B, D), RoutingInfo(route.aux_loss, route.stats, mean_width, float(units), S * B)
 
-        # 1. Route: fp32 logits, top-k, combine weights (RouterSpec).
+    def route(self, x_TD: torch.Tensor, batch: int) -> Route:
+        """fp32 logits, top-k and combine weights (RouterSpec), capacity slots (top-1 choices
+        first; all kept when dropless), balance and z losses, routing statistics."""
+        T, E, K = x_TD.shape[0], self.num_experts, self.k
         logits_TE = self.router(x_TD)
         idx_TK, p_TK = top_k_routing(logits_TE, K, self.router_spec)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        lb = sequence_balance_loss(probs_TE, idx_TK, B) if self.router_spec.balance == "sequence" \
-            else load_balance_loss(probs_TE, idx_TK)
+        counts_E = expert_counts(idx_TK, E)
+        lb = sequence_balance_loss(probs_TE, idx_TK, batch) if self.router_spec.balance == "sequence" \
+            else load_balance_loss(probs_TE, counts_E)
         z = router_z_loss(logits_TE)
+        if self.moe.drop_tokens:
+            factor = self.moe.capacity_factor if self.training else self.moe.eval_capacity_factor
+            _, keep_TK = assign_slots(idx_TK, counts_E, expert_capacity(T, E, K, factor, self.moe.min_capacity))
+        else:
+            keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
         aux = self.moe.load_balance_coef * lb + self.moe.z_loss_coef * z
+        return Route(idx_TK, p_TK, keep_TK, aux, routing_stats(counts_E, keep_TK, lb, z))
 
-        # 2. Capacity slots (top-1 choices first) and one hidden size per routed slot.
-        factor = self.moe.capacity_factor if self.training else self.moe.eval_capacity_factor
-        C = expert_capacity(T, E, K, factor, self.moe.min_capacity) if self.moe.drop_tokens else T
-        pos_TK, keep_TK = assign_slots(idx_TK, E, C)
-        w_TK = width_policy(p_TK, self.layer_index)
-        m_TK = hidden_units(w_TK, self.ffn_hidden_size, self.moe.width_quantum)
+    def _sort_shared(self, w_TK: torch.Tensor) -> tuple | None:
+        """With moe.shared_slimmable, the shared experts run each token at the mean width of
+        its routed experts: tokens sorted widest first, and their size histogram (which
+        travels to the host with the dispatch plan's counts)."""
+        if self.shared_ffn is None or not self.moe.shared_slimmable:
+            return None
+        H = self.shared_ffn.ffn_hidden_size
+        m_T1 = hidden_units(w_TK.detach().mean(dim=-1, keepdim=True), H, self.moe.width_quantum)
+        zeros_T1 = torch.zeros_like(m_T1)
+        return sort_slots(zeros_T1, m_T1, torch.ones_like(m_T1, dtype=torch.bool), 1, H)
 
-        # 3. Kept slots in expert-major order, for one rank: widest first inside an expert (what
-        #    `forward_sorted` takes) or the grouped kernel's layout (buckets of widths, then
-        #    experts); capacity-slot order for the expert-parallel exchange.
-        kept_N = keep_TK.reshape(-1).nonzero().squeeze(1)
-        dest_N = (idx_TK * C + pos_TK).reshape(-1)[kept_N]              # row in an [E*C] buffer
-        relaxed = getattr(width_policy, "relaxed", False)
-        use_grouped = self.uses_grouped_kernel(x_TD) and not relaxed
-        H = self.ffn_hidden_size
-        if self.ep_size > 1:
-            order_N = torch.argsort(dest_N)
-        elif use_grouped:
-            layout = grouped.plan_layout(idx_TK.reshape(-1)[kept_N], m_TK.reshape(-1)[kept_N], E, H)
-            order_N = layout.order_N
-        else:
-            order_N = torch.argsort(idx_TK.reshape(-1)[kept_N] * (H + 1) + H - m_TK.reshape(-1)[kept_N],
-                                    stable=True)
-        slot_S = kept_N[order_N]
-        tok_S, dest_S = slot_S // K, dest_N[order_N]
-        p_S, m_S = p_TK.reshape(-1)[slot_S], m_TK.reshape(-1)[slot_S]
-        x_SD = x_TD.index_select(0, tok_S)
-
-        # 4. Experts, on this rank or across the expert-parallel group.
-        if self.ep_size == 1 and use_grouped:
-            y_SD, units = grouped.grouped_ffn(self.local_experts, x_SD, m_S, layout), float(layout.units)
-        elif self.ep_size == 1:
-            counts = torch.bincount(idx_TK.reshape(-1)[slot_S], minlength=E).tolist()
-            if relaxed:   # the relaxation executes w * H units in expectation, not ceil(w * H)
-                w_S = w_TK.reshape(-1)[slot_S]
-                y_SD = torch.cat([expert.forward_relaxed(x, w) for expert, x, w in
-                                  zip(self.local_experts, x_SD.split(counts), w_S.split(counts))])
-                units = float(w_S.detach().float().sum()) * self.ffn_hidden_size
-            else:
-                outs = [expert.forward_sorted(x, m) for expert, x, m in
-                        zip(self.local_experts, x_SD.split(counts), m_S.split(counts))]
-                y_SD = torch.cat([y for y, _ in outs])
-                units = float(sum(u for _, u in outs))
-        elif relaxed:
-            raise RuntimeError("relaxed width policies (gamma calibration) run with expert_parallel_size=1")
-        else:
-            y_SD, units = self._run_expert_parallel(x_SD, m_S, dest_S, C, use_grouped)
-
-        # 5. Combine: out_t = sum over the token's kept slots of p * expert output.
-        y_SD = y_SD * p_S.to(y_SD.dtype).unsqueeze(1)
-        out_TD = torch.zeros_like(x_TD).index_add(0, tok_S, y_SD)
-
-        stats = routing_stats(idx_TK.detach(), keep_TK, E, lb, z)
-        mean_width = (m_TK.float() / self.ffn_hidden_size).mean()
-        if self.shared_ffn is not None:
-            shared_TD, shared_units = self._run_shared(x_TD, w_TK)
-            out_TD = out_TD + shared_TD
-            units = units + shared_units
-        return out_TD.view(S, B, D), RoutingInfo(aux, stats, mean_width, units, T)
-
-    def _run_shared(self, x_TD: torch.Tensor, w_TK: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The shared experts on every token: at full width, or (moe.shared_slimmable) at the
-        mean width of the token's routed experts. Returns the output and the units executed."""
+    def _run_shared(self, x_TD: torch.Tensor, shared_sort, host: list) -> tuple[torch.Tensor, int]:
+        """The shared experts on every token: at full width, or (moe.shared_slimmable) each
+        token at its own width through the loop kernel. Returns the output and units."""
         shared, T = self.shared_ffn, x_TD.shape[0]
-        if not self.moe.shared_slimmable:
-            return shared(x_TD, shared.ffn_hidden_size), float(T * shared.ffn_hidden_size)
-        m_T = hidden_units(w_TK.detach().mean(dim=-1), shared.ffn_hidden_size, self.moe.width_quantum)
-        out_TD, units = shared.forward_slots(x_TD, m_T)
-        return out_TD, float(units)
-
-    def _run_expert_parallel(self, x_SD: torch.Tensor, m_S: torch.Tensor, dest_S: torch.Tensor,
-                             C: int, use_grouped: bool) -> tuple[torch.Tensor, float]:
-        """Pack slots into `[E * C]` capacity blocks, all-to-all them (with their hidden sizes)
-        to the ranks owning their experts, run them, and bring results back in slot order.
-        Also returns the hidden units this rank executed (for whichever rank's tokens).
-
-        Rows are expert-major, so rank r's experts form the r-th contiguous chunk, which is
-        what DeepSpeed's all-to-all splits on.
-        """
-        R, L, D = self.ep_size, self.num_local_experts, x_SD.shape[-1]
-        group = self.deepspeed_moe.ep_group
-        if group is None:
-            raise RuntimeError("expert_parallel_size > 1 but no expert-parallel group: wrap the "
-                               "model with the DeepSpeed engine (or call set_deepspeed_parallelism)")
-        x_XD = x_SD.new_zeros(R * L * C, D).index_copy(0, dest_S, x_SD)
-        m_X = torch.zeros(R * L * C, dtype=torch.long, device=x_SD.device).index_copy(0, dest_S, m_S)
-        x_XD = _AllToAll.apply(group, x_XD)
-        m_recv = torch.empty_like(m_X)
-        dist.all_to_all_single(m_recv, m_X, group=group)
-        if use_grouped:   # the received rows in the grouped layout, and back
-            e_X = torch.arange(L, device=x_XD.device).view(1, L, 1).expand(R, L, C).reshape(-1)
-            layout = grouped.plan_layout(e_X, m_recv, L, self.ffn_hidden_size)
-            y_sorted = grouped.grouped_ffn(self.local_experts, x_XD.index_select(0, layout.order_N),
-                                           m_recv[layout.order_N], layout)
-            y_XD = torch.zeros_like(y_sorted).index_copy(0, layout.order_N, y_sorted)
-            units = layout.units
-        else:
-            # unbind (not x[:, j]) so that backward stacks once instead of zero-filling per expert
-            x_L = x_XD.view(R, L, C, D).unbind(1)                        # L x [R, C, D]
-            m_L = m_recv.view(R, L, C).unbind(1)
-            outs = [expert.forward_slots(x_L[j].reshape(R * C, D), m_L[j].reshape(R * C))
-                    for j, expert in enumerate(self.local_experts)]
-            y_XD = torch.stack([y.view(R, C, D) for y, _ in outs], dim=1).reshape(R * L * C, D)
-            units = sum(u for _, u in outs)
-        y_XD = _AllToAll.apply(group, y_XD)
-        return y_XD.index_select(0, dest_S), float(units)
+        if shared_sort is None:
+            return shared(x_TD, shared.ffn_hidden_size), T * shared.ffn_hidden_size
+        order_T, key_T, _ = shared_sort
+        H = shared.ffn_hidden_size
+        rows = ExpertRows(x_TD.index_select(0, order_T), H - key_T, torch.zeros_like(key_T), host[0].flip(1))
+        y_TD, units = LOOP([shared], rows)
+        return unpermute(y_TD, order_T), units

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 
+import torch
+
 from .gating import RoutingStats
 
 
@@ -20,13 +22,16 @@ def width_tag(width: float) -> str:
 
 
 def routing_scalars(branch: str, stats: list[RoutingStats]) -> dict[str, float]:
+    """The routing statistics of one branch's MoE layers, read from the device in one copy."""
     out = {}
     for i, s in enumerate(stats):
         prefix = f"routing/{branch}/layer{i}"
         out.update({f"{prefix}/load_cv": s.load_cv, f"{prefix}/entropy": s.entropy,
                     f"{prefix}/aux_loss": s.load_balance, f"{prefix}/z_loss": s.z_loss,
                     f"{prefix}/dropped_frac": s.dropped_frac})
-    return {k: float(v) for k, v in out.items()}
+    if not out:
+        return {}
+    return dict(zip(out, torch.stack([v.detach().float().reshape(()) for v in out.values()]).tolist()))
 
 
 class Monitor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from .widths import FULL_WIDTH, WidthPolicy, normprob_policy, uniform_policy
+from .widths import FULL_WIDTH, WidthPolicy, NormProbPolicy, UniformPolicy
 
 KINDS = ("full", "uniform", "normprob", "gamma")
 
@@ -104,7 +104,7 @@ def build_policy(spec: PolicySpec, cfg, identity: dict | None = None) -> WidthPo
     if spec.kind == "uniform":
         if spec.width is None or not 0 < spec.width <= 1:
             raise PolicyError(f"uniform policy needs a width in (0, 1], got {spec.width}")
-        return uniform_policy(spec.width)
+        return UniformPolicy(spec.width)
     if spec.budget is None:
         raise PolicyError(f"{spec.kind} policy needs a budget in (0, k={k}]")
     check_budgets([spec.budget], k)
@@ -113,12 +113,12 @@ def build_policy(spec: PolicySpec, cfg, identity: dict | None = None) -> WidthPo
     if spec.kind == "normprob":
         if spec.gamma <= 0:
             raise PolicyError(f"normprob policy needs gamma > 0, got {spec.gamma}")
-        return normprob_policy(spec.budget, spec.gamma, wmin, wmax, grid, spec.exact_budget)
+        return NormProbPolicy(spec.budget, spec.gamma, wmin, wmax, grid, spec.exact_budget)
     if not spec.table:
         raise PolicyError("gamma policy needs a gamma table (from tools/calibrate_gamma.py)")
     table = read_gamma_table(spec.table, identity)
     gammas = table_gammas(table, spec.gamma_mode, spec.budget, spec.table)
     deployed = table.get("policy", {})
-    return normprob_policy(spec.budget, gammas, deployed.get("wmin", wmin), deployed.get("wmax", wmax),
+    return NormProbPolicy(spec.budget, gammas, deployed.get("wmin", wmin), deployed.get("wmax", wmax),
                            None if not deployed.get("round_to_grid", True) else cfg.mose.grid,
                            deployed.get("exact_budget", False))

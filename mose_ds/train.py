@@ -27,7 +27,7 @@ from .config import ConfigError, RunConfig, load_config, save_config
 from .data import TokenSplit, micro_batch, val_batch_count, val_batches
 from .model import lm_loss
 from .monitor import Monitor, routing_scalars
-from .widths import FULL_WIDTH, sample_width, uniform_policy
+from .widths import FULL_WIDTH, sample_width, UniformPolicy
 
 
 def branch_loss(engine, x_BS, y_BS, policy):
@@ -43,48 +43,77 @@ class TrainingHalted(RuntimeError):
     and where the last good state is."""
 
 
-def all_finite(loss: torch.Tensor) -> bool:
-    """Whether `loss` is finite on every rank (one small all-reduce), so ranks agree on skips."""
-    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
-    dist.all_reduce(bad)
-    return bad.item() == 0
+class FiniteCheck:
+    """Whether an iteration's losses were finite on every rank, read once per iteration.
+
+    Each micro-step adds its loss's non-finiteness to a device flag (no host read); at the
+    accumulation boundary one all-reduce and one read decide, on every rank alike, whether
+    the optimizer skips the update."""
+
+    def __init__(self, device: torch.device):
+        self.bad = torch.zeros(1, dtype=torch.float32, device=device)   # NCCL reduces device tensors
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.bad += (~torch.isfinite(loss.detach())).to(torch.float32)
+
+    def decide(self) -> bool:
+        """True if any rank saw a non-finite loss since the last decision (collective)."""
+        dist.all_reduce(self.bad)
+        skip = bool(self.bad.item())
+        self.bad.zero_()
+        return skip
 
 
-def backward_and_step(engine, loss: torch.Tensor, skipping: bool) -> bool:
-    """One DeepSpeed micro-step; returns whether this iteration's update is being skipped.
+def backward_and_step(engine, loss: torch.Tensor, check: FiniteCheck) -> bool | None:
+    """One DeepSpeed micro-step; at the accumulation boundary, returns whether the
+    iteration's update is skipped (None before it).
 
     A non-finite loss back-propagates as zero (no NaN reaches the gradients) and marks the
     iteration: at its accumulation boundary the optimizer leaves weights and moments as they
     were, while DeepSpeed's own bookkeeping (reduction, schedule, counters) runs as usual."""
-    finite = all_finite(loss)
-    engine.backward(loss if finite else torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0))
-    skipping = skipping or not finite
-    engine_lib.base_optimizer(engine).skip = skipping
+    check.add(loss)
+    engine.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0))
+    skipped = None
+    if engine.is_gradient_accumulation_boundary():
+        skipped = check.decide()
+        engine_lib.base_optimizer(engine).skip = skipped
     engine.step()
-    return skipping
+    return skipped
 
 
 def train_micro_batch(engine, cfg: RunConfig, x_BS, y_BS, width: float | None,
-                      skipping: bool = False) -> tuple[dict, bool]:
+                      check: FiniteCheck | None = None) -> tuple[dict, bool | None]:
     """Forward/backward of one micro-batch: full width, plus the sampled width if MoSE.
-    Returns {branch: (LM loss, routing stats)} and whether the iteration is being skipped."""
+    Returns {branch: (LM loss, routing stats)}, device values read only when logged, and
+    whether the iteration's update is skipped (at its last micro-batch; else None).
+    `check` carries finiteness across an iteration's micro-batches (a new one by default)."""
+    check = check or FiniteCheck(engine.device)
     branches = [("full", FULL_WIDTH)]
     if width is not None:
-        branches.append(("width", uniform_policy(width)))
+        branches.append(("width", UniformPolicy(width)))
     if cfg.mose.two_pass == "sequential" and width is not None:
         # Two DeepSpeed micro-steps on the same batch; the engine's 1/gas scaling
         # (gas doubled in engine.deepspeed_config) makes their sum the branch mean.
         results = []
         for _, policy in branches:
             loss, lm, routing = branch_loss(engine, x_BS, y_BS, policy)
-            skipping = backward_and_step(engine, loss, skipping)
+            skipped = backward_and_step(engine, loss, check)
             results.append((lm, routing))
     else:
         outs = [branch_loss(engine, x_BS, y_BS, policy) for _, policy in branches]
-        skipping = backward_and_step(engine, sum(o[0] for o in outs) / len(outs), skipping)
+        skipped = backward_and_step(engine, sum(o[0] for o in outs) / len(outs), check)
         results = [(lm, routing) for _, lm, routing in outs]
-    stats = {name: (lm.item(), [r.stats for r in routing]) for (name, _), (lm, routing) in zip(branches, results)}
-    return stats, skipping
+    stats = {name: (lm.detach(), [r.stats for r in routing]) for (name, _), (lm, routing) in zip(branches, results)}
+    return stats, skipped
+
+
+def read_losses(entries: list[dict]) -> None:
+    """Replace the device losses in history entries by floats, in one host read."""
+    slots = [(entry, key) for entry in entries for key, value in entry.items() if isinstance(value, torch.Tensor)]
+    if slots:
+        for (entry, key), value in zip(slots, torch.stack([e[k].float() for e, k in slots]).tolist()):
+            entry[key] = value
+    entries.clear()
 
 
 @torch.no_grad()
@@ -96,7 +125,7 @@ def evaluate(engine, cfg: RunConfig, split: TokenSplit) -> dict[float, float]:
     for width in cfg.mose.eval_widths:
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)   # NCCL reduces device tensors
         for x, y in val_batches(split, cfg.train.eval_batches, rank, world, cfg.train.micro_batch_size):
-            logits, _ = engine(x.to(engine.device), uniform_policy(width))
+            logits, _ = engine(x.to(engine.device), UniformPolicy(width))
             total[0] += lm_loss(logits, y.to(engine.device)).double()
             total[1] += 1
         dist.all_reduce(total)
@@ -165,20 +194,21 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     first_iter = last_iter = state.iteration
     end = min(t.max_iters, t.stop_at) if t.stop_at else t.max_iters
     skipped_in_a_row = skipped_total = 0
+    check, unread = FiniteCheck(engine.device), []     # losses stay on the device until logged
     while state.iteration < end:
         width = sample_width(grid, state.iteration, t.seed) if cfg.mose.enabled else None
         lr = engine.get_lr()[0]
         sums = {"loss_full": 0.0, "loss_width": 0.0}
-        skipping = False
         for micro in range(ga):
             x, y = micro_batch(train_split, t.seed, state.data_position, micro, rank, world, mb)
-            result, skipping = train_micro_batch(engine, cfg, x.to(engine.device), y.to(engine.device),
-                                                 width, skipping)
+            result, skipping = train_micro_batch(engine, cfg, x.to(engine.device, non_blocking=True),
+                                                 y.to(engine.device, non_blocking=True), width, check)
             for name, (loss, _) in result.items():
-                sums[f"loss_{name}"] += loss / ga
+                sums[f"loss_{name}"] = sums[f"loss_{name}"] + loss / ga
         state.iteration += 1
         state.data_position += global_batch
         history.append({"iteration": state.iteration, "width": width, "skipped": skipping, **sums})
+        unread.append(history[-1])
         skipped_in_a_row = skipped_in_a_row + 1 if skipping else 0
         skipped_total += skipping
         if skipping:
@@ -190,6 +220,8 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
                 raise TrainingHalted(halt_message(engine, cfg, state, skipped_in_a_row))
 
         if state.iteration % t.log_interval == 0 or state.iteration == end:
+            read_losses(unread)
+            sums = {k: history[-1][k] for k in sums}
             now = time.time()
             rate = tokens_per_iter * (state.iteration - last_iter) / max(now - last, 1e-9)
             last, last_iter = now, state.iteration

@@ -16,34 +16,41 @@ Options: rounding the deployed widths to the grid, and `exact_budget`, which red
 what clipping removed or added over the unclipped experts so that a token's widths sum to
 Gamma whenever k * wmin <= Gamma <= k * wmax.
 
-A policy with `relaxed = True` is the differentiable version used by gamma calibration:
-the MoE layer then weights hidden unit j by clamp(w * H - j, 0, 1) instead of slicing
-(see `experts.SlimmableFFN.forward_relaxed`).
+Policies are frozen dataclasses, called as `policy(p_TK, layer, relaxed)`. A relaxed forward
+(gamma calibration; `relaxed=True` passed to the model) keeps widths continuous, and the MoE
+layer then weights hidden unit j by clamp(w * H - j, 0, 1) instead of slicing
+(`experts.RelaxedKernel`).
 """
 
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import torch
 
-WidthPolicy = Callable[[torch.Tensor, int], torch.Tensor]
+class WidthPolicy(Protocol):
+    """`policy(p_TK, layer, relaxed) -> w_TK`; `relaxed`: the forward is gamma calibration's
+    differentiable one, so widths stay continuous (no grid rounding)."""
+
+    def __call__(self, p_TK: torch.Tensor, layer: int, relaxed: bool = False) -> torch.Tensor: ...
 
 
-def uniform_policy(width: float) -> WidthPolicy:
+@dataclass(frozen=True)
+class UniformPolicy:
     """Every selected expert of every layer runs at `width` (paper eq. 5 with w(x) = w)."""
-    if not 0 < width <= 1:
-        raise ValueError(f"width {width} is outside (0, 1]")
+    width: float
 
-    def policy(p_TK: torch.Tensor, layer: int) -> torch.Tensor:
-        return torch.full_like(p_TK, width, dtype=torch.float32)
+    def __post_init__(self):
+        if not 0 < self.width <= 1:
+            raise ValueError(f"width {self.width} is outside (0, 1]")
 
-    policy.width = width  # for logging only; the function is what the model uses
-    return policy
+    def __call__(self, p_TK: torch.Tensor, layer: int, relaxed: bool = False) -> torch.Tensor:
+        return torch.full_like(p_TK, self.width, dtype=torch.float32)
 
 
-FULL_WIDTH = uniform_policy(1.0)
+FULL_WIDTH = UniformPolicy(1.0)
 
 
 def hidden_units(w: torch.Tensor, hidden: int, quantum: int = 1) -> torch.Tensor:
@@ -95,7 +102,7 @@ def exact_budget_widths(q_TK: torch.Tensor, budget: float, wmin: float, wmax: fl
     q_TK = q_TK.float()
     K = q_TK.shape[-1]
     lo = torch.zeros(q_TK.shape[:-1] + (1,), dtype=q_TK.dtype, device=q_TK.device)
-    hi = torch.full_like(lo, wmax / q_TK.detach().min().clamp_min(1e-12).item())
+    hi = (wmax / q_TK.detach().min().clamp_min(1e-12)).expand_as(lo).clone()   # no host read
     with torch.no_grad():
         for _ in range(iters):
             mid = (lo + hi) / 2
@@ -124,31 +131,36 @@ def round_to_grid(w: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
     return g.flip(0)[dist.flip(-1).argmin(-1)]
 
 
-def normprob_policy(budget: float, gamma: float | Sequence[float] | torch.Tensor = 1.0,
-                    wmin: float = 0.25, wmax: float = 1.0, grid: Sequence[float] | None = None,
-                    exact_budget: bool = False, relaxed: bool = False) -> WidthPolicy:
+@dataclass(frozen=True, eq=False)
+class NormProbPolicy:
     """Router-conditioned widths under budget Gamma; `gamma` is one value for every MoE layer
     or a sequence with one value per MoE layer (a tensor keeps its autograd graph, which is
-    how calibration learns it). `grid` rounds the deployed widths to the grid (not with
-    `relaxed`, whose point is a gradient)."""
-    if not 0 < wmin <= wmax <= 1:
-        raise ValueError(f"widths need 0 < wmin <= wmax <= 1, got wmin={wmin}, wmax={wmax}")
-    if budget <= 0:
-        raise ValueError(f"budget {budget} must be > 0")
-    gammas = gamma if isinstance(gamma, torch.Tensor) else torch.tensor(gamma, dtype=torch.float32)
-    if (gammas.detach() <= 0).any():
-        raise ValueError(f"gamma must be > 0, got {gammas.tolist()}")
+    how calibration learns it). `grid` rounds the deployed widths to the grid (not in a
+    relaxed forward, whose point is a gradient)."""
+    budget: float
+    gamma: float | Sequence[float] | torch.Tensor = 1.0
+    wmin: float = 0.25
+    wmax: float = 1.0
+    grid: Sequence[float] | None = None
+    exact_budget: bool = False
 
-    def policy(p_TK: torch.Tensor, layer: int) -> torch.Tensor:
-        g = gammas if gammas.dim() == 0 else gammas[layer]
+    def __post_init__(self):
+        if not 0 < self.wmin <= self.wmax <= 1:
+            raise ValueError(f"widths need 0 < wmin <= wmax <= 1, got wmin={self.wmin}, wmax={self.wmax}")
+        if self.budget <= 0:
+            raise ValueError(f"budget {self.budget} must be > 0")
+        gammas = self.gamma if isinstance(self.gamma, torch.Tensor) else torch.tensor(self.gamma, dtype=torch.float32)
+        if (gammas.detach() <= 0).any():
+            raise ValueError(f"gamma must be > 0, got {gammas.tolist()}")
+        object.__setattr__(self, "gamma", gammas)
+
+    def __call__(self, p_TK: torch.Tensor, layer: int, relaxed: bool = False) -> torch.Tensor:
+        g = self.gamma if self.gamma.dim() == 0 else self.gamma[layer]
         q_TK = allocation(p_TK, g.to(p_TK.device))
-        if exact_budget:
-            w_TK = exact_budget_widths(q_TK, budget, wmin, wmax)
+        if self.exact_budget:
+            w_TK = exact_budget_widths(q_TK, self.budget, self.wmin, self.wmax)
         else:
-            w_TK = budget_widths(q_TK, budget, wmin, wmax)
-        if grid is not None and not relaxed:
-            w_TK = round_to_grid(w_TK, grid)
+            w_TK = budget_widths(q_TK, self.budget, self.wmin, self.wmax)
+        if self.grid is not None and not relaxed:
+            w_TK = round_to_grid(w_TK, self.grid)
         return w_TK
-
-    policy.budget, policy.gamma, policy.relaxed = budget, gammas, relaxed
-    return policy

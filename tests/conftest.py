@@ -91,6 +91,7 @@ def load_tool(name: str):
     import importlib.util
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module         # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
 

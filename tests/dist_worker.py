@@ -15,7 +15,7 @@ from deepspeed import comm as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 from mose_ds import engine as engine_lib  # noqa: E402
 from mose_ds.train import branch_loss  # noqa: E402
-from mose_ds.widths import FULL_WIDTH, normprob_policy, sample_width, uniform_policy  # noqa: E402
+from mose_ds.widths import FULL_WIDTH, NormProbPolicy, sample_width, UniformPolicy  # noqa: E402
 
 GLOBAL_BATCH = 4
 
@@ -33,8 +33,8 @@ def main(out: str, ep: int, zero: int, kernel: str) -> None:
     shard = tokens.chunk(world)[rank]
     widths = [sample_width(cfg.mose.grid, step, cfg.train.seed) for step in range(50)]
     full, lm_full, _ = branch_loss(engine, shard[:, :-1], shard[:, 1:], FULL_WIDTH)
-    narrow, lm_narrow, _ = branch_loss(engine, shard[:, :-1], shard[:, 1:], uniform_policy(widths[0]))
-    per_token, lm_per_token, _ = branch_loss(engine, shard[:, :-1], shard[:, 1:], normprob_policy(0.9))
+    narrow, lm_narrow, _ = branch_loss(engine, shard[:, :-1], shard[:, 1:], UniformPolicy(widths[0]))
+    per_token, lm_per_token, _ = branch_loss(engine, shard[:, :-1], shard[:, 1:], NormProbPolicy(0.9))
     engine.backward((full + narrow + per_token) / 3)
 
     lm = torch.tensor([lm_full.item(), lm_narrow.item(), lm_per_token.item()], dtype=torch.float64)

@@ -13,7 +13,7 @@ def bench():
 
 def test_layer_and_step_report_every_variant(world, bench):
     args = bench.parse_args(["--hidden", "64", "--tokens", "1024", "--repeats", "1", "--widths", "0.25",
-                             "--budgets", "1.0", "--skip", "memory", "--seq-len", "32", "--micro-batch", "2",
+                             "--budgets", "1.0", "--skip", "memory,counters,exchange", "--seq-len", "32", "--micro-batch", "2",
                              "--step-widths", "0.5"])
     result = bench.run(args)
     rows = {r["variant"]: r for r in result["layer"]}
@@ -46,9 +46,29 @@ def test_peak_memory_grows_linearly_and_stays_below_deepspeed(world, bench):
     assert result["full_vs_deepspeed_memory"]["ok"]
 
 
+def test_counters_and_exchanges_meet_their_targets(world, bench):
+    """One host sync per MoE layer forward + backward at 8 and 64 experts with either kernel,
+    at most 3 per layer pass in a training iteration with the loop's own, the grouped
+    kernel's operations independent of the number of experts, and all-to-alls of exactly the
+    kept rows on 2 ranks (capacity and dropless)."""
+    args = bench.parse_args(["--hidden", "32", "--tokens", "512", "--budgets", "1.0", "--skip", "layer,memory,step"])
+    result = bench.run(args)
+    c = result["counters"]
+    assert {(r["experts"], r["kernel"]) for r in c["layer"]} == {(8, "loop"), (8, "grouped"), (64, "loop"), (64, "grouped")}
+    assert all(r["syncs"] == 1 for r in c["layer"])
+    assert c["syncs_ok"] and c["grouped_ops_independent_of_experts"]
+    for row in c["step"]:     # 2 MoE layers x 2 branches, one sync each; the loop's finiteness check
+        assert (row["moe_layer"], row["training_loop"]) == (4, 1), row
+    ops = {(r["experts"], r["kernel"], r["policy"]): r["ops"] for r in c["layer"]}
+    assert ops[(64, "loop", "cycled")] > 4 * ops[(8, "loop", "cycled")]     # the loop's launches grow with E
+    for row in result["exchange"]:
+        assert row["kept_slots"] <= row["routed_slots"] and row["largest_over_payload"] == 1.0, row
+    assert result["exchange"][1]["kept_slots"] == result["exchange"][1]["routed_slots"]   # dropless
+
+
 def test_bad_arguments_are_named(bench, capsys):
     for argv, words in ((["--budgets", "2.5"], "--budgets"), (["--widths", "1.5"], "--widths"),
-                        (["--skip", "layers"], "--skip layers"), (["--tokens", "1001"], "multiples of 8"),
+                        (["--skip", "layers"], "--skip layers"), (["--tokens", "1000"], "multiple of 16"),
                         (["--kernel", "grouped", "--hidden", "36"], "--hidden 36")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)

@@ -1,5 +1,6 @@
 """Real multi-rank runs: two gloo CPU ranks started by torchrun and by the deepspeed launcher."""
 
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,27 @@ def test_two_ranks_with_expert_parallelism_match_one_rank(tmp_path, zero, kernel
         torch.testing.assert_close(two["grads"][name], grad, rtol=0, atol=1e-5, msg=name)
     # every rank sampled the same width at every step
     assert two["widths"][0] == two["widths"][1] and len(set(two["widths"][0])) > 5
+
+
+def test_expert_parallel_layer_equals_one_rank_and_sends_only_kept_rows(tmp_path):
+    """EP=2 against the one-rank layer (tests/ep_layer_worker.py) for both kernels, GELU and
+    SwiGLU, no / full-width / slimmable shared experts, dropless and capacity 1.25, uniform,
+    per-token and relaxed widths: outputs and every gradient equal. Every all-to-all but the
+    counts exchange carries exactly the kept rows, summed over ranks (bytes = kept slots x D x
+    4 in fp32; the relaxed forward adds the widths, 4 bytes a row)."""
+    run_ranks(2, "ep_layer_worker.py", tmp_path / "ep.json")
+    ranks = json.loads((tmp_path / "ep.json").read_text())
+    counts_bytes = 4 * (4 * 32 + 1) * 4                       # E x (H + 1) int32 counts
+    assert len(ranks[0]) == 2 * 2 * 3 * 2 * 3
+    for cases in zip(*ranks):
+        name = cases[0]["case"]
+        assert all(c["worst"] < 1e-5 for c in cases), (name, [c["worst"] for c in cases])
+        assert all(c["sent"][0] == counts_bytes for c in cases), name
+        sent = [sum(c["sent"][i] for c in cases) for i in range(1, len(cases[0]["sent"]))]   # per exchange
+        kept = sum(c["kept_bytes"] for c in cases)
+        widths = kept // 32                                    # one fp32 per row
+        assert max(sent) == kept and set(sent) <= {kept, widths}, (name, sent, kept)
+        assert sent.count(kept) == 4 and sent.count(widths) == (2 if name.endswith("relaxed") else 0), name
 
 
 def launch(tmp_path, corpus, name, **train):

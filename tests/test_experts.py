@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import sliced_ffn
-from mose_ds.experts import SlimmableFFN
+from mose_ds.dispatch import LocalDispatcher
+from mose_ds.experts import LoopKernel, SlimmableFFN
+from mose_ds.grouped import GroupedKernel
 from mose_ds.widths import hidden_units
 
 
@@ -40,25 +42,32 @@ def test_sliced_expert_equals_dense_ffn_of_sliced_weights(activation, width):
         torch.testing.assert_close(a, b)
 
 
+def run_kernel(kernel, experts, x_ND, m_N, e_N=None):
+    """`kernel` on rows in any order (expert e_N, size m_N; 0: no row, output zero): the
+    rows go through the local dispatcher as the MoE layer's do. Outputs in input order and
+    the units computed."""
+    e_N = torch.zeros_like(m_N) if e_N is None else e_N
+    dispatcher = LocalDispatcher(len(experts), experts[0].ffn_hidden_size)
+    plan = dispatcher.plan(e_N[:, None], m_N[:, None], (m_N > 0)[:, None])
+    y_ND, units = kernel(experts, dispatcher.dispatch(x_ND, plan))
+    return torch.zeros_like(x_ND).index_copy(0, plan.slot_N, y_ND), units
+
+
 def test_hidden_units_is_ceil_of_width_times_hidden():
     w = torch.tensor([0.25, 0.3, 0.35, 0.05, 1.0])
     assert hidden_units(w, 1536).tolist() == [384, 461, 538, 77, 1536]
     assert hidden_units(torch.tensor([0.001]), 64).tolist() == [1]
 
 
-def test_forward_slots_runs_each_row_at_its_own_width_and_skips_empty_slots():
+def test_loop_kernel_runs_each_row_at_its_own_width():
     ffn = make("gelu")
     x = torch.randn(6, 16)
     m = torch.tensor([16, 64, 0, 16, 33, 0])
-    out, _ = ffn.forward_slots(x, m)
+    out, units = run_kernel(LoopKernel(), [ffn], x, m)
     for i in range(6):
         ref = torch.zeros(16) if m[i] == 0 else sliced_ffn(ffn, x[i:i + 1], int(m[i]))[0]
         torch.testing.assert_close(out[i], ref)
-    order = torch.sort(m, descending=True, stable=True).indices
-    sorted_out, _ = ffn.forward_sorted(x[order], m[order])
-    torch.testing.assert_close(sorted_out, out[order])
-    with pytest.raises(ValueError, match="sorted widest first"):
-        ffn.forward_sorted(x, m)
+    assert units == 16 + 64 + 16 + 33              # three sizes: one range each, nothing rounded
 
 
 def test_slicing_does_less_work_than_full_width():
@@ -73,7 +82,7 @@ def test_slicing_does_less_work_than_full_width():
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_forward_slots_with_many_widths_equals_a_per_row_loop_forward_and_backward(activation):
+def test_loop_kernel_with_many_widths_equals_a_per_row_loop_forward_and_backward(activation):
     """More distinct widths than MAX_RANGES: planned ranges with the units past a row's own
     size zeroed; output and every gradient as a per-row loop computes them."""
     from mose_ds.experts import MAX_RANGES
@@ -83,7 +92,7 @@ def test_forward_slots_with_many_widths_equals_a_per_row_loop_forward_and_backwa
     assert len(torch.unique(m[m > 0])) > MAX_RANGES
     x = torch.randn(60, 16, generator=gen, requires_grad=True)
     g = torch.randn(60, 16, generator=gen)
-    out, _ = ffn.forward_slots(x, m)
+    out, _ = run_kernel(LoopKernel(), [ffn], x, m)
     grads = torch.autograd.grad(out, [x, *ffn.parameters()], g)
     ref = torch.stack([torch.zeros(16) if m[i] == 0 else sliced_ffn(ffn, x[i:i + 1], int(m[i]))[0]
                        for i in range(60)])
@@ -93,7 +102,7 @@ def test_forward_slots_with_many_widths_equals_a_per_row_loop_forward_and_backwa
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_forward_slots_work_follows_the_executed_widths():
+def test_loop_kernel_work_follows_the_executed_widths():
     """FLOPs of the ranged execution: at least those of each row at its own size, at most
     those of each row rounded up to a multiple of H / MAX_RANGES (the planned ends do no
     worse than an even split), and exactly the units it reports to the FLOPs accounting."""
@@ -103,7 +112,7 @@ def test_forward_slots_work_follows_the_executed_widths():
     ffn, gen = make("gelu", D=D, H=H), torch.Generator().manual_seed(2)
     m = torch.randint(1, H + 1, (200,), generator=gen)
     with flop_counter() as counter:
-        _, units = ffn.forward_slots(torch.randn(200, D, generator=gen), m)
+        _, units = run_kernel(LoopKernel(), [ffn], torch.randn(200, D, generator=gen), m)
     step = H // MAX_RANGES
     exact = 2 * 2 * D * int(m.sum())
     rounded = 2 * 2 * D * int(((m + step - 1) // step * step).sum())
@@ -155,7 +164,7 @@ def test_ranged_backward_with_frozen_weights_and_in_bf16(dtype):
                        for i in range(40)])
     want = torch.autograd.grad(ref, x, g)[0]
     ffn.requires_grad_(False)
-    out, _ = ffn.forward_slots(x, m)
+    out, _ = run_kernel(LoopKernel(), [ffn], x, m)
     out.backward(g)
     assert all(p.grad is None for p in ffn.parameters())
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
@@ -164,42 +173,39 @@ def test_ranged_backward_with_frozen_weights_and_in_bf16(dtype):
 
 
 def test_grouped_layout_on_a_hand_made_case():
-    """Sizes rounded up to 8 units, buckets widest first, experts in order inside a bucket,
-    empty slots last; offsets count each bucket's rows per expert."""
+    """Sizes rounded up to 8 units, buckets widest first, experts in order inside a bucket;
+    offsets count each bucket's rows per expert. Rows arrive grouped by expert, widest first:
+    expert 0's 64, 10, then expert 1's 64, 33, 8."""
     from mose_ds.grouped import plan_layout
     m = torch.tensor([64, 10, 0, 64, 33, 8])
     e = torch.tensor([1, 0, 0, 0, 1, 1])
-    layout = plan_layout(e, m, num_experts=2, hidden=64)
+    dispatcher = LocalDispatcher(2, 64)
+    plan = dispatcher.plan(e[:, None], m[:, None], (m > 0)[:, None])
+    assert plan.slot_N.tolist() == [3, 1, 0, 4, 5]
+    layout = plan_layout(dispatcher.dispatch(torch.zeros(6, 8), plan), hidden=64)
     assert layout.ends == [64, 40, 16, 8] and layout.rows == [2, 1, 1, 1]
-    assert layout.order_N.tolist() == [3, 0, 4, 1, 5, 2]
-    assert layout.offs_BE.tolist() == [[1, 2], [0, 1], [1, 1], [0, 1]]
+    assert plan.slot_N[layout.order_N].tolist() == [3, 0, 4, 1, 5]
+    assert layout.offs_BL.tolist() == [[1, 2], [0, 1], [1, 1], [0, 1]]
     assert layout.units == 2 * 64 + 40 + 16 + 8
     assert layout.partial == [False, True, True, False]       # which buckets zero units
 
 
 def grouped_and_per_expert(experts, x, e, m, g):
     """Outputs and gradients (input, then every weight) of both kernels on the same rows."""
-    from mose_ds.grouped import grouped_ffn, plan_layout
     params = [p for ffn in experts for p in ffn.parameters() if p.requires_grad]
-    layout = plan_layout(e, m, len(experts), experts[0].ffn_hidden_size)
-    order = layout.order_N
-    y = grouped_ffn(experts, x[order], m[order], layout)
-    out = torch.zeros_like(y).index_copy(0, order, y)
+    out, units = run_kernel(GroupedKernel(), experts, x, m, e)
     grads = torch.autograd.grad(out, [x, *params], g)
-    ref, units = torch.zeros_like(x), 0
-    for i, ffn in enumerate(experts):
-        rows = (e == i).nonzero().squeeze(1)
-        y_i, u = ffn.forward_slots(x[rows], m[rows])
-        ref, units = ref.index_add(0, rows, y_i), units + u
+    ref, ref_units = run_kernel(LoopKernel(), experts, x, m, e)
     ref_grads = torch.autograd.grad(ref, [x, *params], g)
-    return (out, grads, layout), (ref, ref_grads, units)
+    return (out, grads, units), (ref, ref_grads, ref_units)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_grouped_kernel_equals_per_expert_kernel_forward_and_backward(activation):
-    """Many distinct widths (planned buckets), empty slots, an expert without rows: output
-    and every gradient equal the per-expert kernel's, and the idle expert's are zero."""
+    """Many distinct widths (planned buckets), an expert without rows: output and every
+    gradient equal the per-expert kernel's, and the idle expert's are zero."""
     from mose_ds.experts import MAX_RANGES
+    from mose_ds.grouped import plan_layout
     experts = [make(activation, D=16, H=128) for _ in range(4)]
     for i, ffn in enumerate(experts):
         with torch.no_grad():
@@ -207,17 +213,19 @@ def test_grouped_kernel_equals_per_expert_kernel_forward_and_backward(activation
                 p.mul_(1 + i)                                   # experts differ
     gen = torch.Generator().manual_seed(5)
     e = torch.randint(0, 3, (300,), generator=gen)           # expert 3 idle
-    m = torch.randint(0, 129, (300,), generator=gen)         # 0: empty slots
+    m = torch.randint(0, 129, (300,), generator=gen)         # 0: no row
     x = torch.randn(300, 16, generator=gen, requires_grad=True)
     g = torch.randn(300, 16, generator=gen)
-    (out, grads, layout), (ref, ref_grads, units) = grouped_and_per_expert(experts, x, e, m, g)
+    (out, grads, units), (ref, ref_grads, ref_units) = grouped_and_per_expert(experts, x, e, m, g)
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
     assert all(float(p.abs().sum()) == 0 for p in grads[1:][3 * len(grads[1:]) // 4:])   # expert 3
+    dispatcher = LocalDispatcher(4, 128)
+    layout = plan_layout(dispatcher.dispatch(x, dispatcher.plan(e[:, None], m[:, None], (m > 0)[:, None])), 128)
     assert len(layout.ends) == MAX_RANGES and all(end % 8 == 0 for end in layout.ends)
-    rounded = torch.tensor(layout.ends).flip(0)[torch.searchsorted(torch.tensor(layout.ends).flip(0), m[m > 0])]
-    assert layout.units == int(rounded.sum()) >= units        # each row at its bucket's end
+    ends = torch.tensor(layout.ends).flip(0)
+    assert units == layout.units == int(ends[torch.searchsorted(ends, m[m > 0])].sum()) >= ref_units
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -242,17 +250,40 @@ def test_grouped_kernel_with_frozen_weights_and_in_bf16(dtype):
     torch.testing.assert_close(grads[0].float(), ref_grads[0], **tol)
 
 
-def test_grouped_kernel_without_any_row():
-    """No slot at all for this layer's experts (every row empty, or no row): a zero output,
-    and zero gradients for the input and every expert weight."""
-    from mose_ds.grouped import grouped_ffn, plan_layout
+@pytest.mark.parametrize("kernel", [LoopKernel, GroupedKernel])
+def test_kernels_without_any_row(kernel):
+    """No row at all for this rank's experts (every slot dropped, or sent elsewhere): an
+    empty output, and zero gradients for the input and every expert weight."""
     experts = [make("gelu", D=16, H=64) for _ in range(2)]
     for n in (5, 0):
-        e, m = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+        m = torch.zeros(n, dtype=torch.long)
         x = torch.randn(n, 16, requires_grad=True)
-        layout = plan_layout(e, m, 2, 64)
-        assert layout.ends == [] and layout.units == 0
-        out = grouped_ffn(experts, x, m, layout)
-        assert out.shape == (n, 16) and float(out.abs().sum()) == 0
+        out, units = run_kernel(kernel(), experts, x, m)
+        assert out.shape == (n, 16) and float(out.abs().sum()) == 0 and units == 0
         grads = torch.autograd.grad(out.sum(), [x, *[p for f in experts for p in f.parameters()]])
         assert all(float(g.abs().sum()) == 0 for g in grads) and grads[1].shape == (64, 16)
+
+
+def test_grouped_kernel_reads_zero_flat_buffers_in_place_and_copies_other_weights_once():
+    """Weights laid out expert after expert in one buffer (DeepSpeed ZeRO-1/2) are read as a
+    strided view (no copy, always current); separately allocated weights are stacked once
+    and restacked only after a weight changes."""
+    from mose_ds.grouped import WeightStacks
+    experts = [make("gelu", D=16, H=64) for _ in range(3)]
+    flat = torch.randn(3 * 2 * 64 * 16)
+    for i, ffn in enumerate(experts):      # as ZeRO's flat buffer: e0.w_up, e0.w_down, e1.w_up, ...
+        ffn.w_up.data = flat[(2 * i) * 1024:(2 * i + 1) * 1024].view(64, 16)
+        ffn.w_down.data = flat[(2 * i + 1) * 1024:(2 * i + 2) * 1024].view(64, 16)
+    stacks = WeightStacks()
+    up, down, gate = stacks(experts)
+    assert gate is None and up.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    flat.mul_(2)                                                  # an optimizer step, in place
+    torch.testing.assert_close(stacks(experts)[0][2], experts[2].w_up.detach())
+    loose = [make("gelu", D=16, H=64) for _ in range(3)]
+    first = stacks(loose)[0]
+    assert stacks(loose)[0] is first                              # reused, not restacked
+    with torch.no_grad():
+        loose[1].w_up.add_(1.0)
+    again = stacks(loose)[0]
+    assert again is not first
+    torch.testing.assert_close(again[1], loose[1].w_up.detach())

@@ -305,14 +305,14 @@ def test_a_run_of_nan_losses_stops_training_with_a_good_checkpoint(world, corpus
 def test_activation_checkpointing_leaves_gradients_unchanged(world, two_pass):
     from mose_ds import engine as engine_lib
     from mose_ds.model import lm_loss
-    from mose_ds.widths import FULL_WIDTH, uniform_policy
+    from mose_ds.widths import FULL_WIDTH, UniformPolicy
     tokens = torch.randint(0, 4096, (4, 33), generator=torch.Generator().manual_seed(1))
     grads = []
     for recompute in (False, True):
         cfg = tiny_config(model={"num_layers": 4}, train={"activation_checkpointing": recompute})
         model = engine_lib.build_model(cfg).train()
         torch.manual_seed(5)
-        policies = [FULL_WIDTH, uniform_policy(0.4)] if two_pass else [FULL_WIDTH]
+        policies = [FULL_WIDTH, UniformPolicy(0.4)] if two_pass else [FULL_WIDTH]
         loss = 0
         for policy in policies:
             logits, routing = model(tokens[:, :-1], policy)

@@ -16,7 +16,7 @@ from conftest import ROOT, clean_env
 from mose_ds.config import from_dict
 from mose_ds.memory import ParamCounts, activation_shape, activations, model_states
 from mose_ds.model import MoSEGPT, lm_loss
-from mose_ds.widths import uniform_policy
+from mose_ds.widths import UniformPolicy
 
 TOOL = os.path.join(ROOT, "tools", "plan_memory.py")
 TINY_DEEPSEEK = os.path.join(ROOT, "ds_configs", "hf", "tiny_deepseek_v2", "config.json")
@@ -66,7 +66,7 @@ def saved_tensor_bytes(cfg, batch: int, width: float, dtype: torch.dtype) -> int
 
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, cfg.model.seq_len), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits, _ = model(tokens, uniform_policy(width))
+        logits, _ = model(tokens, UniformPolicy(width))
         lm_loss(logits, tokens)
     return sum(kept.values())
 

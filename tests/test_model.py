@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, clean_env, tiny_config
 from mose_ds.model import lm_loss
 from mose_ds.moe_layer import SlimmableMoE
-from mose_ds.widths import FULL_WIDTH, uniform_policy
+from mose_ds.widths import FULL_WIDTH, UniformPolicy
 
 TABLE3 = {  # recipe: parameters from the paper's Table 3 (medium/large as this architecture gives them)
     "gpt2_small_e8a2": 55e6, "gpt2_small_e8a4": 55e6, "gpt2_small_e16a4": 83e6,
@@ -54,7 +54,7 @@ def test_moe_in_every_other_block_starting_at_zero(world):
 def test_swiglu_model_runs_forward_and_backward(world):
     _, model = build(world, model={"activation": "swiglu"})
     assert model.moe_layers()[0].local_experts[0].w_gate.shape == (128, 32)
-    logits, routing = model(torch.randint(0, 4096, (2, 16)), uniform_policy(0.5))
+    logits, routing = model(torch.randint(0, 4096, (2, 16)), UniformPolicy(0.5))
     (lm_loss(logits, torch.randint(0, 4096, (2, 16))) + routing[0].aux_loss).backward()
     assert model.layers[1].mlp.linear_fc1.weight.grad.shape == (256, 32)   # dense GLU: gate and up
 
@@ -96,12 +96,12 @@ def test_two_pass_gradient_is_mean_of_single_pass_gradients(world):
         return lm_loss(logits, y) + sum(r.aux_loss for r in routing)
 
     single = []
-    for policy in (FULL_WIDTH, uniform_policy(0.4)):
+    for policy in (FULL_WIDTH, UniformPolicy(0.4)):
         model.zero_grad()
         loss(policy).backward()
         single.append(grads(model))
     model.zero_grad()
-    ((loss(FULL_WIDTH) + loss(uniform_policy(0.4))) / 2).backward()
+    ((loss(FULL_WIDTH) + loss(UniformPolicy(0.4))) / 2).backward()
     both = grads(model)
     assert both.keys() == single[0].keys()
     for name in both:

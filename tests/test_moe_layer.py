@@ -2,17 +2,17 @@ import pytest
 import torch
 
 from conftest import sliced_ffn, tiny_config
-from mose_ds.gating import top_k_routing
+from mose_ds.gating import RouterSpec, top_k_routing
 from mose_ds.model import transformer_config
 from mose_ds.moe_layer import SlimmableMoE
-from mose_ds.widths import hidden_units, normprob_policy, uniform_policy
+from mose_ds.widths import hidden_units, NormProbPolicy, UniformPolicy
 
 
-def build_moe(world, activation="gelu", **moe):
+def build_moe(world, activation="gelu", router=RouterSpec(), shared=0, **moe):
     cfg = tiny_config(moe={"capacity_factor": 8.0, "eval_capacity_factor": 8.0, **moe},
                       model={"activation": activation})
     layer = SlimmableMoE(transformer_config(cfg.model), cfg.moe, cfg.model.ffn_hidden_size,
-                         activation, layer_index=0)
+                         activation, layer_index=0, router=router, shared_hidden_size=shared)
     layer.set_deepspeed_parallelism()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -33,15 +33,15 @@ def reference_moe(layer, x_TD, policy):
     return out
 
 
-def router_prob_policy(p_TK, layer):
+def router_prob_policy(p_TK, layer, relaxed=False):
     """Per-slot widths that differ token by token (here: the router weight itself)."""
     return p_TK.clamp(0.05, 1.0)
 
 
 @pytest.mark.parametrize("kernel", ["loop", "grouped"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-@pytest.mark.parametrize("policy", [uniform_policy(1.0), uniform_policy(0.5), router_prob_policy,
-                                    normprob_policy(1.0), normprob_policy(0.9, gamma=2.0, exact_budget=True)],
+@pytest.mark.parametrize("policy", [UniformPolicy(1.0), UniformPolicy(0.5), router_prob_policy,
+                                    NormProbPolicy(1.0), NormProbPolicy(0.9, gamma=2.0, exact_budget=True)],
                          ids=["full", "uniform0.5", "per-token", "normprob", "gamma-exact-budget"])
 def test_moe_equals_per_token_reference_loop_without_drops(world, activation, policy, kernel):
     layer = build_moe(world, activation, expert_kernel=kernel)
@@ -68,7 +68,7 @@ def test_overflowing_choices_are_dropped_and_keep_only_the_residual(world):
     layer = build_moe(world, capacity_factor=0.01, eval_capacity_factor=0.01, min_capacity=1)
     layer.eval()
     x = torch.randn(8, 2, 32)
-    out, info = layer(x, uniform_policy(1.0))
+    out, info = layer(x, UniformPolicy(1.0))
     # capacity 1 per expert: at most 4 of the 32 routed choices survive
     assert info.stats.dropped_frac >= 1 - 4 / 32
     assert (out.view(-1, 32).abs().sum(-1) > 0).sum() <= 4
@@ -89,7 +89,7 @@ def test_an_idle_expert_still_gets_a_zero_gradient(world, kernel):
     with torch.no_grad():
         layer.router.weight.copy_(torch.tensor([1.0, 0.9, 0.8, -1.0]).unsqueeze(1).expand(4, 32))
     x = torch.rand(4, 2, 32) + 0.1            # positive inputs: experts 0 and 1 always win, 3 never
-    out, info = layer(x, uniform_policy(1.0))
+    out, info = layer(x, UniformPolicy(1.0))
     assert info.stats.counts_E[3] == 0
     out.sum().backward()
     idle = layer.local_experts[3]
@@ -100,7 +100,7 @@ def test_an_idle_expert_still_gets_a_zero_gradient(world, kernel):
 def test_narrower_width_changes_output(world):
     layer = build_moe(world)
     x = torch.randn(4, 2, 32)
-    assert not torch.allclose(layer(x, uniform_policy(1.0))[0], layer(x, uniform_policy(0.25))[0])
+    assert not torch.allclose(layer(x, UniformPolicy(1.0))[0], layer(x, UniformPolicy(0.25))[0])
 
 
 def test_layer_is_a_deepspeed_moe_with_tagged_expert_params(world):
@@ -111,3 +111,64 @@ def test_layer_is_a_deepspeed_moe_with_tagged_expert_params(world):
     experts = {n for n, p in layer.named_parameters() if is_moe_param(p)}
     assert experts and all("deepspeed_experts" in n for n in experts)
     assert not is_moe_param(layer.router.weight)
+
+
+def forward_backward(layer, x, policy):
+    """Output and every gradient (input, then each parameter) of one forward + backward."""
+    x = x.clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    out, info = layer(x, policy)
+    torch.autograd.backward([out, info.aux_loss], [torch.ones_like(out), None])
+    return [out.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("kernel", ["loop", "grouped"])
+def test_same_inputs_give_bitwise_equal_outputs_and_gradients(world, kernel):
+    """Run to run on one device (the sequence balance loss and slimmable shared experts too)."""
+    layer = build_moe(world, "swiglu", RouterSpec(scores="softmax", balance="sequence"), shared=64,
+                      expert_kernel=kernel, shared_slimmable=True)
+    x = torch.randn(6, 3, 32)
+    first, second = (forward_backward(layer, x, NormProbPolicy(1.0)) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_combine_sums_each_tokens_outputs_in_a_fixed_order():
+    """The combine gathers each token's K outputs and adds them choice by choice in fp32, so
+    the result does not depend on the order the rows arrive in (an index_add over rows would:
+    float addition is not associative); nor does the dispatch's input gradient."""
+    from mose_ds.dispatch import LocalDispatcher
+    gen = torch.Generator().manual_seed(0)
+    T, K, D, E = 64, 4, 16, 8
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    p = torch.softmax(torch.randn(T, K, generator=gen), -1)
+    m = torch.ones(T, K, dtype=torch.long)
+    plan = LocalDispatcher(E, 1).plan(idx, m, torch.ones(T, K, dtype=torch.bool))
+    y = torch.randn(T * K, D, generator=gen) * torch.logspace(-4, 4, T * K).unsqueeze(1)   # wide range: rounding shows
+    shuffled = torch.randperm(T * K, generator=gen)
+    reordered = LocalDispatcher(E, 1).plan(idx, m, torch.ones(T, K, dtype=torch.bool))
+    reordered.slot_N, reordered.token_N = plan.slot_N[shuffled], plan.token_N[shuffled]
+    reordered.row_TK = torch.empty_like(plan.row_TK).view(-1).index_copy_(
+        0, reordered.slot_N, torch.arange(T * K)).view(T, K)
+    dispatcher = LocalDispatcher(E, 1)
+    assert torch.equal(dispatcher.combine(y, p, plan), dispatcher.combine(y[shuffled], p, reordered))
+    x = torch.randn(T, D, generator=gen, requires_grad=True)
+    g = torch.randn(T * K, D, generator=gen) * torch.logspace(-4, 4, T * K).unsqueeze(1)
+    dx = torch.autograd.grad(dispatcher.dispatch(x, plan).x_ND, x, g)[0]
+    dx_reordered = torch.autograd.grad(dispatcher.dispatch(x, reordered).x_ND, x, g[shuffled])[0]
+    assert torch.equal(dx, dx_reordered)
+
+
+@pytest.mark.parametrize("kernel", ["loop", "grouped"])
+@pytest.mark.parametrize("experts", [4, 64])
+def test_one_host_sync_per_layer_forward_and_backward(world, kernel, experts):
+    """Counted as on a GPU (mose_ds.counters): the dispatch plan's one copy to the host, at
+    any number of experts, per-token widths and the shared experts included."""
+    from mose_ds.counters import HostSyncCounter
+    layer = build_moe(world, shared=64, expert_kernel=kernel, num_experts=experts, shared_slimmable=True)
+    x = torch.randn(8, 4, 32)
+    forward_backward(layer, x, NormProbPolicy(1.0))
+    counter = HostSyncCounter()
+    counter.device(x, *layer.parameters())
+    with counter:
+        forward_backward(layer, x, NormProbPolicy(1.0))
+    assert counter.syncs == 1, dict(counter.where)

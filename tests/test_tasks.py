@@ -16,7 +16,7 @@ from mose_ds.scoring import Scorer
 from mose_ds.tasks import (TASKS, TaskError, hellaswag_preprocess, load_wikitext, run_task,
                            wikitext_detokenize, wsc_normalize_option)
 from mose_ds.tokenizer import TextCodec
-from mose_ds.widths import uniform_policy
+from mose_ds.widths import UniformPolicy
 
 
 class FakeScorer:
@@ -196,7 +196,7 @@ def tiny(world):
 def direct(model, inputs, targets):
     """Sum of log-softmax of `targets` at the last len(targets) positions of `inputs`, and
     whether argmax picks each of them."""
-    logits = model(torch.tensor([inputs]), uniform_policy(0.5))[0][0, -len(targets):]
+    logits = model(torch.tensor([inputs]), UniformPolicy(0.5))[0][0, -len(targets):]
     logp = torch.log_softmax(logits.float(), -1)
     t = torch.tensor(targets)
     return logp.gather(-1, t[:, None]).sum().item(), bool((logp.argmax(-1) == t).all())
@@ -210,7 +210,7 @@ TEXT = ("The king is dead, long live the king. The queen is here, and the court 
 
 def test_loglikelihood_equals_direct_computation(tiny):
     model, codec = tiny
-    scorer = Scorer(model, codec, uniform_policy(0.5))
+    scorer = Scorer(model, codec, UniformPolicy(0.5))
     ctx, cont = codec.encode("The king is"), codec.encode("The king is dead")[3:]
     ll, greedy = scorer.loglikelihood([("The king is ", "dead")])[0]
     want_ll, want_greedy = direct(model, ctx + cont[:-1], cont)
@@ -231,7 +231,7 @@ def test_loglikelihood_equals_direct_computation(tiny):
 
 def test_rolling_loglikelihood_windows(tiny):
     model, codec = tiny
-    scorer = Scorer(model, codec, uniform_policy(0.5))
+    scorer = Scorer(model, codec, UniformPolicy(0.5))
     short = codec.encode("The king is dead.")
     assert scorer.loglikelihood_rolling(["The king is dead."])[0] == pytest.approx(
         direct(model, [codec.eot] + short[:-1], short)[0])
@@ -286,13 +286,13 @@ def test_lm_eval_adapter_matches_scorer(tiny):
     pairs = [("The king is ", "dead"), ("", "The queen"), ("long live", " the king.")]
     requests = [Instance(request_type="loglikelihood", arguments=p, doc={}, idx=0) for p in pairs]
     assert lm.loglikelihood(requests, disable_tqdm=True) == \
-        Scorer(model, codec, uniform_policy(0.5)).loglikelihood(pairs)
+        Scorer(model, codec, UniformPolicy(0.5)).loglikelihood(pairs)
     rolling = [Instance(request_type="loglikelihood_rolling", arguments=(TEXT,), doc={}, idx=0)]
     assert lm.loglikelihood_rolling(rolling, disable_tqdm=True) == \
-        Scorer(model, codec, uniform_policy(0.5)).loglikelihood_rolling([TEXT])
+        Scorer(model, codec, UniformPolicy(0.5)).loglikelihood_rolling([TEXT])
     gen = [Instance(request_type="generate_until", arguments=("The king", {"until": ["\n"], "max_gen_toks": 3}),
                     doc={}, idx=0)]
-    new = Scorer(model, codec, uniform_policy(0.5)).greedy_continue(codec.encode("The king"), 3)
+    new = Scorer(model, codec, UniformPolicy(0.5)).greedy_continue(codec.encode("The king"), 3)
     assert len(new) <= 3 and lm.generate_until(gen, disable_tqdm=True) == [codec.decode(new).split("\n")[0]]
     assert lm.get_model_info()["mose_mflops_per_token"]["paper"] > 0
     with pytest.raises(ValueError, match="unknown mose model_args: colour"):

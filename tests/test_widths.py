@@ -10,8 +10,8 @@ from conftest import tiny_config
 from mose_ds.flops import FlopsMeter, flop_counter, forward_flops_per_token
 from mose_ds.model import MoSEGPT, lm_loss
 from mose_ds.moe_layer import SlimmableMoE
-from mose_ds.widths import (allocation, budget_widths, exact_budget_widths, normprob_policy,
-                            round_to_grid, uniform_policy)
+from mose_ds.widths import (allocation, budget_widths, exact_budget_widths, NormProbPolicy,
+                            round_to_grid, UniformPolicy)
 
 GRID = [round(0.25 + 0.05 * i, 2) for i in range(16)]
 
@@ -61,16 +61,16 @@ def test_round_to_grid():
           [0.35, 0.35, 0.3, 0.25, 1.0, 1.0])
 
 
-def test_normprob_policy_layerwise_gamma_and_grid():
+def test_NormProbPolicy_layerwise_gamma_and_grid():
     p = torch.tensor([[0.7, 0.3]])
-    shared = normprob_policy(1.0)
+    shared = NormProbPolicy(1.0)
     close(shared(p, 0), [[0.7, 0.3]])
-    layered = normprob_policy(1.0, gamma=[1.0, 2.0])
+    layered = NormProbPolicy(1.0, gamma=[1.0, 2.0])
     close(layered(p, 0), [[0.7, 0.3]])
     close(layered(p, 1), [[0.49 / 0.58, 0.25]])                  # 0.155 clipped up to wmin
-    close(normprob_policy(1.0, gamma=[1.0, 2.0], grid=GRID)(p, 1), [[0.85, 0.25]])
+    close(NormProbPolicy(1.0, gamma=[1.0, 2.0], grid=GRID)(p, 1), [[0.85, 0.25]])
     with pytest.raises(ValueError, match="gamma"):
-        normprob_policy(1.0, gamma=-1.0)
+        NormProbPolicy(1.0, gamma=-1.0)
 
 
 def tiny_model(world, **moe):
@@ -87,15 +87,9 @@ def test_relaxed_policy_matches_hard_widths_at_whole_units(world):
     model = tiny_model(world)
     x = torch.randint(0, 4096, (2, 32))
     with torch.no_grad():
-        hard, _ = model(x, uniform_policy(0.5))
-        soft, _ = model(x, _relaxed_uniform(0.5))
+        hard, _ = model(x, UniformPolicy(0.5))
+        soft, _ = model(x, UniformPolicy(0.5), relaxed=True)
     torch.testing.assert_close(soft, hard)
-
-
-def _relaxed_uniform(width):
-    policy = uniform_policy(width)
-    policy.relaxed = True
-    return policy
 
 
 def test_gamma_gradient_is_finite_and_nonzero_where_widths_are_not_clipped(world):
@@ -104,19 +98,19 @@ def test_gamma_gradient_is_finite_and_nonzero_where_widths_are_not_clipped(world
         p.requires_grad_(False)
     x = torch.randint(0, 4096, (2, 33))
     log_gamma = torch.zeros(2, requires_grad=True)                 # one per MoE layer
-    policy = normprob_policy(1.0, gamma=log_gamma.exp(), relaxed=True)
-    logits, routing = model(x[:, :-1], policy)
+    policy = NormProbPolicy(1.0, gamma=log_gamma.exp())
+    logits, routing = model(x[:, :-1], policy, relaxed=True)
     lm_loss(logits, x[:, 1:]).backward()
     assert torch.isfinite(log_gamma.grad).all() and (log_gamma.grad != 0).all()
     # all widths clipped (budget so large every expert is at wmax): no gradient at all
     log_gamma.grad = None
-    logits, _ = model(x[:, :-1], normprob_policy(4.0, gamma=log_gamma.exp(), relaxed=True))
+    logits, _ = model(x[:, :-1], NormProbPolicy(4.0, gamma=log_gamma.exp()), relaxed=True)
     lm_loss(logits, x[:, 1:]).backward()
     assert (log_gamma.grad == 0).all()
 
 
-@pytest.mark.parametrize("policy", [uniform_policy(1.0), uniform_policy(0.4), normprob_policy(1.0),
-                                    normprob_policy(1.3, gamma=[0.5, 3.0], exact_budget=True)],
+@pytest.mark.parametrize("policy", [UniformPolicy(1.0), UniformPolicy(0.4), NormProbPolicy(1.0),
+                                    NormProbPolicy(1.3, gamma=[0.5, 3.0], exact_budget=True)],
                          ids=["full", "uniform0.4", "normprob", "gamma-exact"])
 @pytest.mark.parametrize("kernel", ["loop", "grouped"])
 def test_flops_of_executed_widths_equal_flop_counter(world, policy, kernel):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -41,22 +42,31 @@ sys.path.insert(0, ROOT)
 from mose_ds import measure  # noqa: E402
 from mose_ds.config import from_dict, load_config, to_dict  # noqa: E402
 from mose_ds import grouped  # noqa: E402
-from mose_ds.experts import SlimmableFFN  # noqa: E402
 
 # Dense bf16 peak TFLOP/s by device name, for utilisation figures (override: --peak-tflops).
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
-class MaskedFFN(SlimmableFFN):
-    """(e): the masking implementation of per-token widths: every row computes all H hidden
-    units, the units past its own size multiplied by zero."""
+def masked_kernel(experts, rows) -> tuple[torch.Tensor, int]:
+    """(e): the masking implementation of per-token widths, as an expert kernel: every row
+    computes all H hidden units, the units past its own size multiplied by zero."""
+    outs, H = [], experts[0].ffn_hidden_size
+    parts = rows.rows_per_expert()
+    for expert, x_nD, m_n in zip(experts, rows.x_ND.split(parts), rows.m_N.split(parts)):
+        mask_nH = (torch.arange(H, device=x_nD.device) < m_n[:, None]).to(x_nD.dtype)
+        outs.append((expert.hidden(x_nD, 0, H) * mask_nH) @ expert.w_down)
+    return torch.cat(outs), rows.x_ND.shape[0] * H
 
-    def forward_slots(self, x_ND: torch.Tensor, m_N: torch.Tensor) -> tuple[torch.Tensor, int]:
-        H = self.ffn_hidden_size
-        mask_NH = (torch.arange(H, device=x_ND.device) < m_N[:, None]).to(x_ND.dtype)
-        return (self._hidden(x_ND, 0, H) * mask_NH) @ self.w_down, x_ND.shape[0] * H
 
-    forward_sorted = forward_slots
+def layer_class(masked: bool):
+    """Our MoE layer class, or a subclass running (e)'s kernel (imported here: importing
+    DeepSpeed prints to stdout, which must stay clean under --json)."""
+    from mose_ds.moe_layer import SlimmableMoE
+
+    class MaskedMoE(SlimmableMoE):
+        def expert_kernel(self, x, relaxed):
+            return masked_kernel
+    return MaskedMoE if masked else SlimmableMoE
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,30 +97,40 @@ def build_layer(args, kind: str, device, dtype):
     """One MoE layer with seeded weights: DeepSpeed's, or ours ('ours' with the kernel of
     (b)-(d), 'other' with (f)'s, 'masked')."""
     from deepspeed.moe.layer import MoE
-    from mose_ds.model import transformer_config
-    from mose_ds.moe_layer import SlimmableMoE
-
-    kernel = kernels(args)[kind == "other"] if kind in ("ours", "other") else "loop"
-    cfg = from_dict({"model": {"hidden_size": args.hidden, "num_heads": 1, "num_layers": 1},
-                     "moe": {"num_experts": args.experts, "top_k": args.top_k,
-                             "width_quantum": args.width_quantum, "expert_kernel": kernel}})
-    D, H = args.hidden, cfg.model.ffn_hidden_size
+    if kind != "deepspeed":
+        kernel = kernels(args)[kind == "other"] if kind in ("ours", "other") else "loop"
+        return our_layer(args, kernel, device, dtype, masked=kind == "masked")
+    D, H, moe = args.hidden, 4 * args.hidden, layer_config(args, "loop").moe
     torch.manual_seed(0)
-    if kind == "deepspeed":
-        plain = torch.nn.Sequential(torch.nn.Linear(D, H, bias=False), torch.nn.GELU(),
-                                    torch.nn.Linear(H, D, bias=False))
-        layer = MoE(D, plain, num_experts=args.experts, ep_size=1, k=args.top_k,
-                    capacity_factor=cfg.moe.capacity_factor, eval_capacity_factor=cfg.moe.eval_capacity_factor,
-                    min_capacity=cfg.moe.min_capacity)
-    else:
-        layer = SlimmableMoE(transformer_config(cfg.model), cfg.moe, H, "gelu", 0)
-        if kind == "masked":
-            for expert in layer.local_experts:
-                expert.__class__ = MaskedFFN
+    plain = torch.nn.Sequential(torch.nn.Linear(D, H, bias=False), torch.nn.GELU(), torch.nn.Linear(H, D, bias=False))
+    layer = MoE(D, plain, num_experts=args.experts, ep_size=1, k=args.top_k, capacity_factor=moe.capacity_factor,
+                eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity)
+    return seeded(layer, device, dtype)
+
+
+def our_layer(args, kernel: str, device, dtype, masked: bool = False, **moe):
+    """Our layer (with (e)'s kernel if `masked`) at the benchmark's shapes with seeded weights;
+    `moe`: more moe keys."""
+    from mose_ds.model import transformer_config
+    cfg = layer_config(args, kernel, **moe)
+    torch.manual_seed(0)
+    layer = layer_class(masked)(transformer_config(cfg.model), cfg.moe, cfg.model.ffn_hidden_size, "gelu", 0)
+    return seeded(layer, device, dtype)
+
+
+def seeded(layer, device, dtype):
+    """The layer with DeepSpeed's groups, normal(0.02) weights, on the device, training."""
     layer.set_deepspeed_parallelism()
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02)
     return layer.to(device=device, dtype=dtype).train()
+
+
+def layer_config(args, kernel: str, **moe):
+    """The run config of our layer at the benchmark's shapes (moe: more `moe` keys)."""
+    return from_dict({"model": {"hidden_size": args.hidden, "num_heads": 1, "num_layers": 1},
+                      "moe": {"num_experts": args.experts, "top_k": args.top_k,
+                              "width_quantum": args.width_quantum, "expert_kernel": kernel, **moe}})
 
 
 def layer_kind(name: str) -> str:
@@ -119,13 +139,13 @@ def layer_kind(name: str) -> str:
 
 
 def policy(name: str):
-    from mose_ds.widths import normprob_policy, uniform_policy
+    from mose_ds.widths import NormProbPolicy, UniformPolicy
     if layer_kind(name) == "other":
         name = name.partition("_")[2]                  # (f): the policy of the variant it repeats
     kind, _, value = name.partition("_")
     if kind in ("normprob", "masked"):
-        return normprob_policy(float(value))
-    return uniform_policy(float(value) if value else 1.0)
+        return NormProbPolicy(float(value))
+    return UniformPolicy(float(value) if value else 1.0)
 
 
 def step_fn(name: str, layer, x, grad_out, record: dict):
@@ -147,8 +167,8 @@ def step_fn(name: str, layer, x, grad_out, record: dict):
     return fn
 
 
-def inputs(args, tokens: int, device, dtype):
-    gen = torch.Generator().manual_seed(1)
+def inputs(args, tokens: int, device, dtype, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens // 8, 8, args.hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     return x, torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
 
@@ -254,26 +274,32 @@ def memory_benchmark(args) -> dict:
 # training step
 
 
-def step_benchmark(args) -> dict:
-    """One engine step (micro-batch forward/backward + optimizer): two-pass vs full only."""
+def step_model(args, recipe: str | None, hidden: int, **moe):
+    """(run config, DeepSpeed engine, inputs, targets) of the training-step measurements: the
+    recipe's model, or a CPU-sized 4-block model (MoE blocks 0 and 2) of width `hidden`."""
     from mose_ds import engine as engine_lib
-    from mose_ds.flops import forward_flops_per_token, two_pass_cost_ratio
-    from mose_ds.train import train_micro_batch
-
-    raw = to_dict(load_config(args.recipe)) if args.recipe else to_dict(from_dict({}))
-    if not args.recipe:   # a CPU-sized model in which the MoE layers carry real weight
-        raw["model"].update(num_layers=4, num_heads=4, hidden_size=args.hidden, vocab_size=8192)
+    raw = to_dict(load_config(recipe)) if recipe else to_dict(from_dict({}))
+    if not recipe:   # a CPU-sized model in which the MoE layers carry real weight
+        raw["model"].update(num_layers=4, num_heads=4, hidden_size=hidden, vocab_size=8192)
         raw["moe"].update(num_experts=args.experts, top_k=args.top_k)
     raw["model"]["seq_len"] = args.seq_len
-    raw["moe"]["expert_parallel_size"] = 1
+    raw["moe"].update(expert_parallel_size=1, **moe)
     raw["train"].update(micro_batch_size=args.micro_batch, grad_accum_steps=1, max_iters=10**6)
     raw["engine"].update(zero_stage=1, precision=args.dtype)
     raw["mose"]["two_pass"] = "joint"
-    cfg = from_dict(raw, source=args.recipe or "bench")
+    cfg = from_dict(raw, source=recipe or "bench")
     engine = engine_lib.create_engine(cfg, engine_lib.build_model(cfg))
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
-    x, y = tokens[:, :-1].to(engine.device), tokens[:, 1:].to(engine.device)
+    return cfg, engine, tokens[:, :-1].to(engine.device), tokens[:, 1:].to(engine.device)
+
+
+def step_benchmark(args) -> dict:
+    """One engine step (micro-batch forward/backward + optimizer): two-pass vs full only."""
+    from mose_ds.flops import forward_flops_per_token, two_pass_cost_ratio
+    from mose_ds.train import train_micro_batch
+
+    cfg, engine, x, y = step_model(args, args.recipe, args.hidden)
 
     fns = {"single": lambda: train_micro_batch(engine, cfg, x, y, None)}
     for w in args.step_widths:
@@ -291,16 +317,185 @@ def step_benchmark(args) -> dict:
                      "measured_over_predicted": measured / predicted, "ok": measured <= 1.05 * predicted,
                      "tokens_per_s": n_tokens / t[f"two_w{w:g}"],
                      "tflops": full_flops * predicted * n_tokens / t[f"two_w{w:g}"] / 1e12})
-    return {"step_model": {k: raw["model"][k] for k in ("num_layers", "hidden_size", "seq_len", "vocab_size")}
+    return {"step_model": {k: getattr(cfg.model, k) for k in ("num_layers", "hidden_size", "seq_len", "vocab_size")}
             | {"num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k, "micro_batch": args.micro_batch},
             "single_step_seconds": t["single"], "single_step_tflops": full_flops * n_tokens / t["single"] / 1e12,
             "two_pass_steps": rows}
 
 
 # ---------------------------------------------------------------------------------------
+# counters: host syncs and aten operations, which mean the same on a CPU and on a GPU
+
+
+COUNTER_SHAPE = {"hidden": 64, "tokens": 2048, "seq_len": 64}   # counts do not depend on sizes
+MOE_FILES = ("moe_layer.py", "dispatch.py", "experts.py", "grouped.py", "gating.py", "widths.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class CycledWidths:
+    """A per-token width policy whose sizes do not depend on routing: slot i of the flattened
+    [T, K] slots runs at the i-th of `widths`, cyclically (every size in every layer)."""
+    widths: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+    def __call__(self, p_TK, layer, relaxed=False):
+        w = torch.tensor(self.widths, device=p_TK.device)
+        return w.repeat(p_TK.numel() // len(self.widths) + 1)[:p_TK.numel()].view(p_TK.shape)
+
+
+def counted(fn, *device_tensors):
+    """One call of fn under a host-sync and operation counter, after an uncounted warm-up, and
+    on CUDA the syncs the device's own debug mode reports for one more call (else None)."""
+    from mose_ds.counters import HostSyncCounter, cuda_sync_warnings
+    fn()
+    counter = HostSyncCounter()
+    counter.device(*device_tensors)
+    with counter:
+        fn()
+    if not torch.cuda.is_available():
+        return counter, None
+    with cuda_sync_warnings() as seen:
+        fn()
+    return counter, len(seen)
+
+
+def counter_kernels(hidden: int) -> tuple[str, ...]:
+    return ("loop", "grouped") if grouped.supported(hidden, 4 * hidden) else ("loop",)
+
+
+def layer_counters(args, device, dtype) -> list[dict]:
+    """Host syncs and aten operations of one MoE layer forward + backward (weights' gradients
+    unset, as at the start of a step), dropless, at --experts and 64 experts, with each
+    kernel: at full width, with 8 per-token widths whatever the routing (`CycledWidths`: the
+    same buckets at any number of experts) and with the per-token widths of the first
+    --budgets. (Dropless: with capacity, how many slots routing drops would change a few
+    operations: capacity assignment, and a zero row for dropped slots in the combine.)"""
+    small = argparse.Namespace(**{**vars(args), "hidden": COUNTER_SHAPE["hidden"]})
+    names = ["full", "cycled"] + [f"normprob_{g:g}" for g in args.budgets[:1]]
+    rows = []
+    for experts in sorted({args.experts, 64}):
+        small.experts = experts
+        for kernel in counter_kernels(small.hidden):
+            layer = our_layer(small, kernel, device, dtype, drop_tokens=False)
+            x, grad_out = inputs(small, COUNTER_SHAPE["tokens"], device, dtype)
+            for name in names:
+                width_policy = CycledWidths() if name == "cycled" else policy(name)
+
+                def fn():
+                    x.grad = None
+                    layer.zero_grad(set_to_none=True)
+                    out, info = layer(x, width_policy)
+                    torch.autograd.backward([out, info.aux_loss], [grad_out, None])
+                c, cuda_syncs = counted(fn, x, grad_out, *layer.parameters())
+                rows.append({"experts": experts, "kernel": kernel, "policy": name, "syncs": c.syncs,
+                             "cuda_syncs": cuda_syncs, "ops": c.ops_total, "sync_kinds": dict(c.by_kind)})
+    return rows
+
+
+def step_counters(args) -> list[dict]:
+    """Host syncs of one two-pass training iteration (4 blocks, MoE blocks 0 and 2; after two
+    warm-up iterations), by where they happen: the MoE layers, our training loop, DeepSpeed's
+    engine, elsewhere; and per MoE-layer pass (one layer's forward and backward in one width
+    branch) for the MoE layers and the training loop together."""
+    from mose_ds.train import train_micro_batch
+    small = argparse.Namespace(**{**vars(args), "seq_len": COUNTER_SHAPE["seq_len"]})
+    rows = []
+    for experts in sorted({args.experts, 64}):
+        small.experts = experts
+        for kernel in counter_kernels(COUNTER_SHAPE["hidden"]):
+            cfg, engine, x, y = step_model(small, None, COUNTER_SHAPE["hidden"], expert_kernel=kernel)
+            train_micro_batch(engine, cfg, x, y, 0.5)
+            c, cuda_syncs = counted(lambda: train_micro_batch(engine, cfg, x, y, 0.5), x, y, *engine.module.parameters())
+            where = {"moe_layer": 0, "training_loop": 0, "deepspeed": 0, "other": 0}
+            for place, n in c.where.items():
+                name = place.split(":")[0]
+                key = ("moe_layer" if name in MOE_FILES else "training_loop" if name == "train.py"
+                       else "deepspeed" if name.startswith("deepspeed/") else "other")
+                where[key] += n
+            passes = 2 * cfg.model.num_moe_layers
+            rows.append({"experts": experts, "kernel": kernel, "syncs": c.syncs, "cuda_syncs": cuda_syncs, **where,
+                         "per_layer_pass": (where["moe_layer"] + where["training_loop"]) / passes,
+                         "places": dict(c.where)})
+    return rows
+
+
+def counter_benchmark(args, device, dtype) -> dict:
+    say("counting host syncs and aten operations ...")
+    layer, step = layer_counters(args, device, dtype), step_counters(args)
+    per_pass = max(r["per_layer_pass"] for r in step)
+    grouped_ops = {}
+    for r in layer:
+        if r["kernel"] == "grouped" and r["policy"] in ("full", "cycled"):   # the same buckets at any E
+            grouped_ops.setdefault(r["policy"], set()).add(r["ops"])
+    return {"counters": {"layer": layer, "step": step, "max_syncs_per_layer_pass": per_pass,
+                         "syncs_ok": per_pass <= 3,
+                         "grouped_ops_independent_of_experts": all(len(v) == 1 for v in grouped_ops.values())}}
+
+
+# ---------------------------------------------------------------------------------------
+# all-to-all bytes on 2 expert-parallel ranks
+
+
+def exchange_worker(args) -> None:
+    """One of two gloo ranks (EP=2): our layer's forward + backward with capacity factor
+    1.25 and dropless, logging the bytes each all-to-all sends; rank 0 writes them."""
+    from deepspeed import comm as dist
+    from mose_ds import engine as engine_lib
+    from mose_ds.counters import AllToAllLog
+    from mose_ds.train import quiet_libraries
+    quiet_libraries()
+    engine_lib.init_distributed()
+    device, dtype, rank = engine_lib.device(), DTYPES[args.dtype], dist.get_rank()
+    results = {}
+    for mode, drop in (("capacity", True), ("dropless", False)):
+        layer = our_layer(args, kernels(args)[0], device, dtype, expert_parallel_size=2, drop_tokens=drop)
+        x, grad_out = inputs(args, args.tokens // 2, device, dtype, seed=1 + rank)
+        with AllToAllLog() as log:
+            out, info = layer(x, policy("full"))
+            torch.autograd.backward([out, info.aux_loss], [grad_out, None])
+        routed = x.shape[0] * x.shape[1] * args.top_k
+        results[mode] = {"sent": log.sent, "routed": routed,
+                         "kept": round(routed * (1 - float(info.stats.dropped_frac))),
+                         "row_bytes": args.hidden * out.element_size()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        with open(args.worker_out, "w") as f:
+            json.dump(gathered, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def exchange_benchmark(args) -> dict:
+    """Bytes each all-to-all of one forward + backward moves over both ranks, per kept slot,
+    against the payload minimum (a kept slot's row: hidden x element size)."""
+    from mose_ds.engine import child_env, free_port
+    say("all-to-all bytes on 2 expert-parallel gloo ranks ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "exchange.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               os.path.abspath(__file__), *args.argv, "--exchange-worker", out]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=child_env())
+        if result.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"the 2-rank exchange measurement failed:\n{result.stderr[-3000:]}")
+        with open(out) as f:
+            ranks = json.load(f)
+    rows = []
+    for mode in ("capacity", "dropless"):
+        per_rank = [r[mode] for r in ranks]
+        kept, routed = sum(r["kept"] for r in per_rank), sum(r["routed"] for r in per_rank)
+        sent = [sum(r["sent"][i] for r in per_rank) for i in range(len(per_rank[0]["sent"]))]
+        payload = kept * per_rank[0]["row_bytes"]
+        rows.append({"mode": mode, "kept_slots": kept, "routed_slots": routed, "exchange_bytes": sent,
+                     "bytes_per_kept_slot": [b / kept for b in sent], "payload_per_kept_slot": per_rank[0]["row_bytes"],
+                     "largest_over_payload": max(sent) / payload})
+    return {"exchange": rows}
+
+
+# ---------------------------------------------------------------------------------------
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PARTS = ("layer", "memory", "step", "counters", "exchange")
 
 
 def say(msg: str) -> None:
@@ -336,27 +531,46 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s for utilisation (default: known GPUs, dense bf16)")
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: layer, memory, step")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: " + ", ".join(PARTS))
     p.add_argument("--json", action="store_true")
     p.add_argument("--memory-worker", nargs=3, metavar=("VARIANT", "TOKENS", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--exchange-worker", metavar="OUT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--json"]
     args.skip = {s for s in args.skip.split(",") if s}
-    bad = args.skip - {"layer", "memory", "step"}
+    bad = args.skip - set(PARTS)
     if bad:
-        p.error(f"--skip {','.join(sorted(bad))}: expected layer, memory or step")
+        p.error(f"--skip {','.join(sorted(bad))}: expected some of {', '.join(PARTS)}")
     if any(not 0 < w <= 1 for w in args.widths):
         p.error(f"--widths {args.widths}: widths must lie in (0, 1]")
     if any(not 0 < g <= args.top_k for g in args.budgets):
         p.error(f"--budgets {args.budgets}: budgets must lie in (0, top_k={args.top_k}]")
-    if args.tokens % 8 or any(t % 8 for t in args.memory_tokens):
-        p.error("--tokens and --memory-tokens must be multiples of 8 (batches of 8 sequences)")
+    if args.tokens % 16 or any(t % 8 for t in args.memory_tokens):
+        p.error("--tokens must be a multiple of 16 and --memory-tokens of 8 (batches of 8 sequences, "
+                "--tokens split over 2 ranks)")
     if args.kernel == "grouped" and not grouped.supported(args.hidden, 4 * args.hidden):
         p.error(f"--kernel grouped: --hidden {args.hidden} and its FFN size must be multiples of {grouped.GRANULE}")
     if args.memory_worker:
         args.variant, tokens, args.worker_out = args.memory_worker
         args.worker_tokens = int(tokens)
+    if args.exchange_worker:
+        args.worker_out = args.exchange_worker
     return args
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Everything written to stdout goes to stderr meanwhile, loggers that hold the original
+    stream and native code included (file-descriptor level)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def main(argv=None) -> int:
@@ -364,8 +578,11 @@ def main(argv=None) -> int:
     if args.memory_worker:
         memory_worker(args)
         return 0
+    if args.exchange_worker:
+        exchange_worker(args)
+        return 0
     if args.json:   # keep stdout for the JSON document; library chatter goes to stderr
-        with contextlib.redirect_stdout(sys.stderr):
+        with stdout_to_stderr():
             result = run(args)
         print(json.dumps(result, indent=2))
         return 0
@@ -390,6 +607,10 @@ def run(args) -> dict:
         result |= memory_benchmark(args)
     if "step" not in args.skip:
         result |= step_benchmark(args)
+    if "counters" not in args.skip:
+        result |= counter_benchmark(args, device, DTYPES[args.dtype])
+    if "exchange" not in args.skip:
+        result |= exchange_benchmark(args)
     return result
 
 
@@ -428,6 +649,31 @@ def print_report(args, r: dict) -> None:
         for row in r["two_pass_steps"]:
             print(f"  {row['width']:5.2f} | {row['measured']:8.3f} | {row['predicted']:15.3f} | "
                   f"{row['measured_over_predicted']:20.3f} | {str(row['ok']):12} | {row['tokens_per_s']:8,.0f}")
+    if "counters" in r:
+        c = r["counters"]
+        print(f"\nhost syncs and aten operations of one MoE layer forward + backward (dropless, hidden "
+              f"{COUNTER_SHAPE['hidden']}, {COUNTER_SHAPE['tokens']} tokens; counts do not depend on sizes)\n"
+              "  experts | kernel  | policy       | host syncs | aten ops")
+        for row in c["layer"]:
+            cuda = f" | CUDA sync debug mode: {row['cuda_syncs']}" if row["cuda_syncs"] is not None else ""
+            print(f"  {row['experts']:7d} | {row['kernel']:7} | {row['policy']:12} | {row['syncs']:10d} | "
+                  f"{row['ops']:8d}{cuda}")
+        print("one two-pass training iteration (4 blocks, 2 MoE): host syncs by place, and per MoE-layer pass "
+              "(MoE layers + training loop)\n"
+              "  experts | kernel  | MoE layers | training loop | DeepSpeed | other | per layer pass")
+        for row in c["step"]:
+            print(f"  {row['experts']:7d} | {row['kernel']:7} | {row['moe_layer']:10d} | {row['training_loop']:13d} | "
+                  f"{row['deepspeed']:9d} | {row['other']:5d} | {row['per_layer_pass']:14.2f}")
+        print(f"  at most {c['max_syncs_per_layer_pass']:.2f} per layer pass (target <= 3: "
+              f"{'ok' if c['syncs_ok'] else 'EXCEEDED'}); grouped kernel's aten ops independent of the "
+              f"number of experts: {c['grouped_ops_independent_of_experts']}")
+    if "exchange" in r:
+        print("\nall-to-all on 2 expert-parallel gloo ranks, one forward + backward: bytes per kept slot of each "
+              "exchange, in call order")
+        for row in r["exchange"]:
+            per_slot = ", ".join(f"{b:,.0f}" for b in row["bytes_per_kept_slot"])
+            print(f"  {row['mode']:8} | {row['kept_slots']:,} of {row['routed_slots']:,} slots kept | {per_slot} | "
+                  f"largest {row['largest_over_payload']:.2f}x the payload ({row['payload_per_kept_slot']} bytes a slot)")
     print("\nnothing written to disk; --json prints these figures as JSON")
 
 

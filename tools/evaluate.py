@@ -370,7 +370,7 @@ def cmd_routing(args, say):
     import matplotlib.pyplot as plt
     import numpy as np
     from mose_ds.inference import evaluate_policy
-    from mose_ds.widths import uniform_policy
+    from mose_ds.widths import UniformPolicy
     loaded = load(args)
     bad = [w for w in args.widths if not 0 < w <= 1]
     if bad:
@@ -380,7 +380,7 @@ def cmd_routing(args, say):
     batches, source = eval_batches(args, loaded)
     hist = {}
     for w in args.widths:
-        r = evaluate_policy(loaded.model, batches, uniform_policy(w))
+        r = evaluate_policy(loaded.model, batches, UniformPolicy(w))
         hist[w] = np.array(r.counts)                                        # [layers, E]
         share = hist[w] / hist[w].sum(1, keepdims=True)
         fig, ax = plt.subplots(figsize=(1 + 0.5 * share.shape[1], 1 + 0.6 * share.shape[0]))

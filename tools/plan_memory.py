@@ -104,6 +104,13 @@ def print_plan(p: dict, check: dict) -> None:
     print(f"  {'backward peak':<22} {gib(p['backward_peak']):>8} GiB")
     print(f"  {'optimizer-step peak':<22} {gib(p['step_peak']):>8} GiB  (gradients "
           f"{gib(p['gradients_step'])} + step temporary {gib(p['step_temporary'])})")
+    if p["expert_stacks"]:
+        print(f"  {'grouped-kernel stacks':<22} {gib(p['expert_stacks']):>8} GiB  (a copy of the local expert "
+              "weights: no ZeRO flat buffer to view)")
+    if p["moe_layer"]:
+        m = p["moe_layer"]
+        print(f"  one MoE layer's forward: keeps {m['saved'] / 2**20:,.0f} MiB for backward, peaks at "
+              f"{m['peak'] / 2**20:,.0f} MiB (+ {m['transient'] / 2**20:,.0f} MiB of exchange or combine buffers)")
     verdict = "fits" if p["fits"] else "DOES NOT FIT"
     print(f"  {'peak':<22} {gib(p['peak']):>8} GiB of {gib(p['usable'])} usable "
           f"({gib(p['gpu_memory'])} GiB less reserve): {verdict}")
