@@ -66,7 +66,7 @@ def _syncs(func, args, kwargs) -> bool:
 
 def _target_device(args, kwargs):
     """The device argument of a `Tensor.to` call, or None (a dtype-only conversion)."""
-    return torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+    return torch._C._nn._parse_to(*args[1:], **{k: v for k, v in kwargs.items() if k != "copy"})[0]
 
 
 class _Provenance(TorchDispatchMode):

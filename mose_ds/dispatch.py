@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from deepspeed import comm as dist
 
-from .experts import ExpertRows, unpermute
+from .experts import ExpertRows, inverse, permute_rows
 
 
 @dataclass
@@ -51,6 +51,17 @@ class Plan:
     recv: list[int] | None = None          # rows received from each rank
     regroup_N: torch.Tensor | None = None  # the experts' row i is received row regroup_N[i]
 
+    def sent(self, order_N: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slot_N, token_N, row_TK) with the rows in a kernel's order (row order_N[i] at i)."""
+        if order_N is None:
+            return self.slot_N, self.token_N, self.row_TK
+        position_N = F.pad(inverse(order_N), (0, 1), value=order_N.numel())      # N: no row
+        return self.slot_N[order_N], self.token_N[order_N], position_N[self.row_TK]
+
+    def received(self, order_N: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which received row each of the experts' rows is, in a kernel's order, and back."""
+        regroup_N = self.regroup_N if order_N is None else self.regroup_N[order_N]
+        return regroup_N, inverse(regroup_N)
 
 
 def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -92,13 +103,20 @@ class LocalDispatcher:
                     counts_EM.flip(1), also)
 
     def dispatch(self, x_TD: torch.Tensor, plan: Plan, w_TK: torch.Tensor | None = None) -> ExpertRows:
-        """The rows for the experts; `w_TK`: the slots' continuous widths (relaxed forwards)."""
+        """The rows for the experts, gathered from the tokens in the order a kernel asks;
+        `w_TK`: the slots' continuous widths (relaxed forwards)."""
+        def gather(order_N):
+            _, token_N, row_TK = plan.sent(order_N)
+            return _Gather.apply(x_TD, token_N, row_TK)
         w_N = None if w_TK is None else w_TK.reshape(-1).index_select(0, plan.slot_N)
-        return ExpertRows(gather_rows(x_TD, plan), plan.m_N, plan.expert_N, plan.counts_LM, w_N)
+        return ExpertRows(plan.m_N, plan.expert_N, plan.counts_LM, gather, w_N)
 
-    def combine(self, y_ND: torch.Tensor, p_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """Each token's sum of p times its slots' outputs [T, D] (dropped slots add nothing)."""
-        return _Combine.apply(y_ND, p_TK, plan.row_TK, plan.slot_N, plan.token_N)
+    def combine(self, y_ND: torch.Tensor, p_TK: torch.Tensor, plan: Plan,
+                order_N: torch.Tensor | None = None) -> torch.Tensor:
+        """Each token's sum of p times its slots' outputs [T, D] (dropped slots add nothing);
+        `order_N`: the order of the kernel's outputs."""
+        slot_N, token_N, row_TK = plan.sent(order_N)
+        return _Combine.apply(y_ND, p_TK, row_TK, slot_N, token_N)
 
 
 class AllToAllDispatcher:
@@ -133,20 +151,25 @@ class AllToAllDispatcher:
                     counts_LM.flip(1), also, send, recv, regroup_N)
 
     def dispatch(self, x_TD: torch.Tensor, plan: Plan, w_TK: torch.Tensor | None = None) -> ExpertRows:
-        x_ND = self._exchange(gather_rows(x_TD, plan), plan)
+        """Every rank sends its rows, then the received ones are taken in the order a kernel
+        asks (regrouped by local expert, widest first, by default)."""
+        sent_ND = _Gather.apply(x_TD, plan.token_N, plan.row_TK)
+        received_ND = _AllToAllV.apply(sent_ND, self.group, plan.send, plan.recv)
+
+        def gather(order_N):
+            return permute_rows(received_ND, *plan.received(order_N))
         w_N = None
         if w_TK is not None:
-            w_N = self._exchange(w_TK.reshape(-1, 1).index_select(0, plan.slot_N), plan).squeeze(1)
-        return ExpertRows(x_ND, plan.m_N, plan.expert_N, plan.counts_LM, w_N)
+            w_sent = w_TK.reshape(-1, 1).index_select(0, plan.slot_N)
+            w_N = permute_rows(_AllToAllV.apply(w_sent, self.group, plan.send, plan.recv), *plan.received(None))
+        return ExpertRows(plan.m_N, plan.expert_N, plan.counts_LM, gather, w_N.squeeze(1) if w_N is not None else None)
 
-    def combine(self, y_ND: torch.Tensor, p_TK: torch.Tensor, plan: Plan) -> torch.Tensor:
-        y_recv = unpermute(y_ND, plan.regroup_N)                        # back in received order
+    def combine(self, y_ND: torch.Tensor, p_TK: torch.Tensor, plan: Plan,
+                order_N: torch.Tensor | None = None) -> torch.Tensor:
+        regroup_N, ungroup_N = plan.received(order_N)
+        y_recv = permute_rows(y_ND, ungroup_N, regroup_N)                  # back in received order
         y_sent = _AllToAllV.apply(y_recv, self.group, plan.recv, plan.send)
         return _Combine.apply(y_sent, p_TK, plan.row_TK, plan.slot_N, plan.token_N)
-
-    def _exchange(self, rows_ND: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """Rows this rank sends, as the experts' rows on the receiving side (regrouped)."""
-        return _AllToAllV.apply(rows_ND, self.group, plan.send, plan.recv).index_select(0, plan.regroup_N)
 
 
 class _AllToAllV(torch.autograd.Function):
@@ -175,28 +198,31 @@ def sent_rows(slot_N: torch.Tensor, shape_TK: torch.Size) -> tuple[torch.Tensor,
     return slot_N, slot_N // K, row_S.view(T, K)
 
 
-def gather_rows(x_TD: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """The token of each row this rank sends [N, D]; in backward each token sums its rows'
-    gradients in a fixed order (autograd's index_select backward adds them atomically)."""
-    return _Gather.apply(x_TD, plan.token_N, plan.row_TK)
-
-
-def _sum_slots(rows_ND: torch.Tensor, row_TK: torch.Tensor, p_TK: torch.Tensor | None = None) -> torch.Tensor:
-    """sum over k of (p_tk times) row row_TK[t, k], in fp32, choice 0 first [T, D]; the
-    row index N stands for a zero row (a dropped slot)."""
-    if rows_ND.shape[0] < row_TK.numel():                     # some slot dropped: a zero row N
+def _by_slot(rows_ND: torch.Tensor, row_TK: torch.Tensor) -> torch.Tensor:
+    """The rows at their slots [T, K, D], zero for a slot without one: a gather."""
+    T, K = row_TK.shape
+    if rows_ND.shape[0] < T * K:                               # some slot dropped: a zero row N
         rows_ND = F.pad(rows_ND, (0, 0, 0, 1))
-    out_TD = torch.zeros(row_TK.shape[0], rows_ND.shape[1], dtype=torch.float32, device=rows_ND.device)
-    for k in range(row_TK.shape[1]):
-        picked_TD = rows_ND.index_select(0, row_TK[:, k]).float()
+    return rows_ND.index_select(0, row_TK.reshape(-1)).view(T, K, rows_ND.shape[1])
+
+
+def _sum_over_choices(y_TKD: torch.Tensor, p_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over k of (p_tk times) y[t, k], in fp32, choice 0 first [T, D]: a fixed order."""
+    out_TD = y_TKD[:, 0].to(torch.float32, copy=True)
+    if p_TK is not None:
+        out_TD.mul_(p_TK[:, :1])
+    for k in range(1, y_TKD.shape[1]):
         if p_TK is None:
-            out_TD.add_(picked_TD)
+            out_TD.add_(y_TKD[:, k])
         else:
-            out_TD.addcmul_(picked_TD, p_TK[:, k:k + 1].float())
+            out_TD.addcmul_(y_TKD[:, k], p_TK[:, k:k + 1])
     return out_TD
 
 
 class _Gather(torch.autograd.Function):
+    """The token of each row [N, D]; in backward each token sums its rows' gradients in a
+    fixed order, choice 0 first (autograd's index_select backward adds them atomically)."""
+
     @staticmethod
     def forward(ctx, x_TD, token_N, row_TK):
         ctx.save_for_backward(row_TK)
@@ -206,30 +232,30 @@ class _Gather(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_ND):
         row_TK, = ctx.saved_tensors
-        return _sum_slots(g_ND, row_TK).to(g_ND.dtype), None, None
+        return _sum_over_choices(_by_slot(g_ND, row_TK)).to(g_ND.dtype), None, None
 
 
 class _Combine(torch.autograd.Function):
-    """out_t = sum_k p_tk y_(t,k) [T, D]: each token's K rows gathered (a zero row for a
-    dropped slot) and summed weighted by p, in fp32 and choice 0 first, with no atomic adds
-    forward or backward. Keeps the rows (model dtype) for p's gradient."""
+    """out_t = sum_k p_tk y_(t,k) [T, D]: the rows placed at their slots (zero for a dropped
+    slot) and summed weighted by p, in fp32 and choice 0 first, with no atomic adds forward
+    or backward. Keeps the rows in slot order (model dtype) for p's gradient."""
 
     @staticmethod
     def forward(ctx, y_ND, p_TK, row_TK, slot_N, token_N):
-        ctx.save_for_backward(y_ND, p_TK, row_TK, slot_N, token_N)
-        return _sum_slots(y_ND, row_TK, p_TK).to(y_ND.dtype)
+        y_TKD = _by_slot(y_ND, row_TK)
+        ctx.save_for_backward(y_TKD, p_TK, slot_N, token_N)
+        return _sum_over_choices(y_TKD, p_TK.float()).to(y_ND.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_TD):
-        y_ND, p_TK, row_TK, slot_N, token_N = ctx.saved_tensors
+        y_TKD, p_TK, slot_N, token_N = ctx.saved_tensors
         g_TD = g_TD.float()
         dy_ND = dp_TK = None
         if ctx.needs_input_grad[0]:    # row n is slot (t, k) = slot_N[n]: p_tk g_t
-            dy_ND = (g_TD.index_select(0, token_N) * p_TK.reshape(-1, 1).index_select(0, slot_N)).to(y_ND.dtype)
+            p_N = p_TK.reshape(-1).index_select(0, slot_N).float()
+            dy_ND = (g_TD.index_select(0, token_N) * p_N.unsqueeze(1)).to(y_TKD.dtype)
         if ctx.needs_input_grad[1]:
-            if y_ND.shape[0] < row_TK.numel():
-                y_ND = F.pad(y_ND, (0, 0, 0, 1))
-            dp_TK = torch.stack([(y_ND.index_select(0, row_TK[:, k]).float() * g_TD).sum(-1)
-                                 for k in range(p_TK.shape[1])], dim=1).to(p_TK.dtype)
+            dp_TK = torch.stack([(y_TKD[:, k].float() * g_TD).sum(-1) for k in range(p_TK.shape[1])],
+                                dim=1).to(p_TK.dtype)
         return dy_ND, dp_TK, None, None, None

@@ -5,10 +5,11 @@ units: `W_up[:m]` and `W_down[:m]` (gate and up together for SwiGLU). Slicing, n
 masking, so a width-w expert costs about w of the full one. Weights are stored
 hidden-major ([H, D]) so every slice is a contiguous block of rows.
 
-Expert kernels share one interface: `kernel(experts, rows) -> (y_ND, units)` takes
-`ExpertRows` (rows already grouped by local expert, widest first inside an expert, with their
-hidden sizes and a host histogram of them) and returns the outputs in the same row order and
-the hidden units it computed (FLOPs accounting). Each kernel orders rows internally as it needs:
+Expert kernels share one interface: `kernel(experts, rows) -> (y_ND, units, order_N)` takes
+`ExpertRows` (rows grouped by local expert, widest first inside an expert, with their hidden
+sizes and a host histogram of them) and returns the outputs, the hidden units it computed
+(FLOPs accounting) and the order of its outputs. Each kernel orders rows as it needs, and the
+inputs are gathered straight into that order (`ExpertRows.x`):
 
 * `LoopKernel`: expert by expert, each in at most MAX_RANGES product pairs (`plan_ranges`);
 * `grouped.GroupedKernel`: every expert at once in grouped products, bucket by bucket;
@@ -24,7 +25,7 @@ M = H + 1 hidden sizes (0..H).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,10 +125,30 @@ def zero_missing_units(h_nU: torch.Tensor, m_N: torch.Tensor, lo: int, full: int
     return h_nU
 
 
-def unpermute(y_ND: torch.Tensor, order_N: torch.Tensor) -> torch.Tensor:
-    """The rows of y back where they came from (y = x[order]): a scatter with distinct
-    indices, whose backward is a gather (no atomic adds, bitwise reproducible)."""
-    return y_ND.new_empty(y_ND.shape).index_copy_(0, order_N, y_ND)
+def inverse(order_N: torch.Tensor) -> torch.Tensor:
+    """The inverse of a permutation of 0..N-1 (distinct indices: no atomic adds)."""
+    inverse_N = torch.empty_like(order_N)
+    inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+    return inverse_N
+
+
+def permute_rows(x_ND: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
+    """x[order] for a permutation `order` (with its `inverse`): a gather forward and a gather
+    backward, where autograd's index_select would scatter-add the gradient."""
+    return _PermuteRows.apply(x_ND, order_N, inverse_N)
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, order_N, inverse_N):
+        ctx.save_for_backward(inverse_N)
+        return x_ND.index_select(0, order_N)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_ND):
+        inverse_N, = ctx.saved_tensors
+        return g_ND.index_select(0, inverse_N), None, None
 
 
 class SlimmableFFN(nn.Module):
@@ -161,12 +182,18 @@ class SlimmableFFN(nn.Module):
 @dataclass
 class ExpertRows:
     """Kept (token, expert) slots as rows for this rank's local experts: grouped by local
-    expert (0, 1, ...), widest first inside each expert."""
-    x_ND: torch.Tensor
+    expert (0, 1, ...), widest first inside each expert. Their inputs are gathered when a
+    kernel asks, in the order it wants (`x`): one gather from where they are (the tokens, or
+    the rows received from other ranks), not a gather and then a reordering copy."""
     m_N: torch.Tensor            # hidden units of each row (>= 1)
     expert_N: torch.Tensor       # local expert of each row
     counts_LM: torch.Tensor      # host [L, H + 1]: rows per (local expert, hidden size)
+    gather: Callable[[torch.Tensor | None], torch.Tensor]   # the inputs, in an order or this one
     w_N: torch.Tensor | None = None   # continuous widths (a relaxed forward only)
+
+    def x(self, order_N: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows' inputs [N, D], in this order or as row order_N[i] at position i."""
+        return self.gather(order_N)
 
     def rows_per_expert(self) -> list[int]:
         return self.counts_LM.sum(1).tolist()
@@ -179,7 +206,12 @@ class ExpertRows:
 
 
 class ExpertKernel(Protocol):
-    def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int]: ...
+    """`kernel(experts, rows) -> (y_ND, units, order_N)`: the outputs, the hidden units
+    computed, and the order the outputs are in (row order_N[i] at position i; None: the
+    rows' own order), which the dispatcher's combine follows."""
+
+    def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows
+                 ) -> tuple[torch.Tensor, int, torch.Tensor | None]: ...
 
 
 class LoopKernel:
@@ -189,10 +221,10 @@ class LoopKernel:
     zeroed. Work is each row's size rounded up to a range end: proportional to the executed
     widths, in a bounded number of products whatever the number of distinct widths."""
 
-    def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int]:
+    def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int, None]:
         outs, units = [], 0
         parts = rows.rows_per_expert()
-        for j, (expert, x_nD, m_n) in enumerate(zip(experts, rows.x_ND.split(parts), rows.m_N.split(parts))):
+        for j, (expert, x_nD, m_n) in enumerate(zip(experts, rows.x().split(parts), rows.m_N.split(parts))):
             sizes_U, counts_U = rows.sizes(j)
             if len(sizes_U) <= 1:
                 # One size, or none: an idle expert still runs (on no row) so that its weights
@@ -204,7 +236,7 @@ class LoopKernel:
             ranges = plan_ranges(sizes_U, counts_U, expert.ffn_hidden_size)
             outs.append(expert.ranged(x_nD, m_n, ranges))
             units += sum(n * (hi - lo) for lo, hi, n, _ in ranges)
-        return torch.cat(outs), units
+        return torch.cat(outs), units, None
 
 
 class RelaxedKernel:
@@ -219,17 +251,17 @@ class RelaxedKernel:
     host histogram: no device read), which is also what is counted.
     """
 
-    def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int]:
+    def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int, None]:
         outs, units = [], 0
         parts = rows.rows_per_expert()
-        for j, (expert, x_nD, w_n) in enumerate(zip(experts, rows.x_ND.split(parts), rows.w_N.split(parts))):
+        for j, (expert, x_nD, w_n) in enumerate(zip(experts, rows.x().split(parts), rows.w_N.split(parts))):
             sizes_U, _ = rows.sizes(j)
             M = int(sizes_U[-1]) if len(sizes_U) else 1
             units_M = torch.arange(M, device=x_nD.device, dtype=torch.float32)
             mask_nM = (w_n.float().unsqueeze(1) * expert.ffn_hidden_size - units_M).clamp(0, 1)
             outs.append((expert.hidden(x_nD, 0, M) * mask_nM.to(x_nD.dtype)) @ expert.w_down[:M])
             units += x_nD.shape[0] * M
-        return torch.cat(outs), units
+        return torch.cat(outs), units, None
 
 
 class _RangedFFN(torch.autograd.Function):

@@ -33,8 +33,7 @@ from typing import Sequence
 
 import torch
 
-from .experts import (ExpertRows, SlimmableFFN, activate, activation_backward, plan_ends, unpermute,
-                      zero_missing_units)
+from .experts import ExpertRows, SlimmableFFN, activate, activation_backward, plan_ends, zero_missing_units
 
 GRANULE = 8   # units: 16 bytes in bf16, 32 in fp32
 
@@ -145,15 +144,16 @@ class GroupedKernel:
     def __init__(self):
         self.stacks = WeightStacks()
 
-    def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int]:
+    def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Outputs in the layout's order (bucket by bucket, expert by expert)."""
         layout = plan_layout(rows, experts[0].ffn_hidden_size)
         weights = [e.w_up for e in experts] + [e.w_down for e in experts]
         if experts[0].activation == "swiglu":
             weights += [e.w_gate for e in experts]
         order_N = layout.order_N
-        y_ND = _GroupedFFN.apply(rows.x_ND.index_select(0, order_N), rows.m_N.index_select(0, order_N),
-                                 layout, self.stacks(experts), len(experts), *weights)
-        return unpermute(y_ND, order_N), layout.units
+        y_ND = _GroupedFFN.apply(rows.x(order_N), rows.m_N.index_select(0, order_N), layout,
+                                 self.stacks(experts), len(experts), *weights)
+        return y_ND, layout.units, order_N
 
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from .model import MoSEGPT
 from .policies import PolicyError, PolicySpec, build_policy
 from .scoring import Scorer
 from .tokenizer import TextCodec
-from .widths import FULL_WIDTH, WidthPolicy, NormProbPolicy, UniformPolicy
+from .widths import FULL_WIDTH, NormProbPolicy, UniformPolicy, WidthPolicy
 
 DEFAULT_MAX_GEN_TOKS = 256
 # Arguments the harness passes to every model; scoring is one sequence at a time.

@@ -34,7 +34,7 @@ from torch import nn
 from . import grouped
 from .config import MoEConfig
 from .dispatch import AllToAllDispatcher, LocalDispatcher, sort_slots
-from .experts import ExpertKernel, ExpertRows, LoopKernel, RelaxedKernel, SlimmableFFN, unpermute
+from .experts import ExpertKernel, ExpertRows, LoopKernel, RelaxedKernel, SlimmableFFN, inverse, permute_rows
 from .gating import (RouterSpec, RoutingStats, assign_slots, expert_capacity, expert_counts, load_balance_loss,
                      router_z_loss, routing_stats, sequence_balance_loss, top_k_routing)
 from .widths import WidthPolicy, hidden_units
@@ -149,8 +149,8 @@ class SlimmableMoE(MoE):
         plan = self.dispatcher.plan(route.idx_TK, m_TK, route.keep_TK,              # 3. host sync
                                     also=shared_sort[2:] if shared_sort else ())
         rows = self.dispatcher.dispatch(x_TD, plan, w_TK if relaxed else None)        # 4.
-        y_ND, units = self.expert_kernel(x_TD, relaxed)(self.local_experts, rows)     # 5.
-        out_TD = self.dispatcher.combine(y_ND, route.p_TK, plan)                      # 6.
+        y_ND, units, order_N = self.expert_kernel(x_TD, relaxed)(self.local_experts, rows)   # 5.
+        out_TD = self.dispatcher.combine(y_ND, route.p_TK, plan, order_N)             # 6.
         if self.shared_ffn is not None:
             shared_TD, shared_units = self._run_shared(x_TD, shared_sort, plan.also)
             out_TD, units = out_TD + shared_TD, units + shared_units
@@ -194,7 +194,8 @@ class SlimmableMoE(MoE):
         if shared_sort is None:
             return shared(x_TD, shared.ffn_hidden_size), T * shared.ffn_hidden_size
         order_T, key_T, _ = shared_sort
-        H = shared.ffn_hidden_size
-        rows = ExpertRows(x_TD.index_select(0, order_T), H - key_T, torch.zeros_like(key_T), host[0].flip(1))
-        y_TD, units = LOOP([shared], rows)
-        return unpermute(y_TD, order_T), units
+        back_T, H = inverse(order_T), shared.ffn_hidden_size
+        rows = ExpertRows(H - key_T, torch.zeros_like(key_T), host[0].flip(1),
+                          lambda _: permute_rows(x_TD, order_T, back_T))
+        y_TD, units, _ = LOOP([shared], rows)
+        return permute_rows(y_TD, back_T, order_T), units

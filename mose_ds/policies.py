@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from .widths import FULL_WIDTH, WidthPolicy, NormProbPolicy, UniformPolicy
+from .widths import FULL_WIDTH, NormProbPolicy, UniformPolicy, WidthPolicy
 
 KINDS = ("full", "uniform", "normprob", "gamma")
 

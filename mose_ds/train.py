@@ -27,7 +27,7 @@ from .config import ConfigError, RunConfig, load_config, save_config
 from .data import TokenSplit, micro_batch, val_batch_count, val_batches
 from .model import lm_loss
 from .monitor import Monitor, routing_scalars
-from .widths import FULL_WIDTH, sample_width, UniformPolicy
+from .widths import FULL_WIDTH, UniformPolicy, sample_width
 
 
 def branch_loss(engine, x_BS, y_BS, policy):

@@ -15,7 +15,7 @@ from deepspeed import comm as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 from mose_ds import engine as engine_lib  # noqa: E402
 from mose_ds.train import branch_loss  # noqa: E402
-from mose_ds.widths import FULL_WIDTH, NormProbPolicy, sample_width, UniformPolicy  # noqa: E402
+from mose_ds.widths import FULL_WIDTH, NormProbPolicy, UniformPolicy, sample_width  # noqa: E402
 
 GLOBAL_BATCH = 4
 

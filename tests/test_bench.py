@@ -31,6 +31,8 @@ def test_layer_and_step_report_every_variant(world, bench):
     assert rows["normprob_1"]["flops_ratio"] == pytest.approx(rows["normprob_1"]["executed_width"], abs=0.02)
     assert rows["masked_1"]["flops_ratio"] == 1.0 and rows["masked_1"]["executed_width"] == 1.0
     assert rows["deepspeed"]["flops_ratio"] > 1.0     # its dense dispatch einsums count too
+    assert all(r["syncs"] == 1 for n, r in rows.items() if n != "deepspeed") and rows["deepspeed"]["syncs"] > 1
+    assert rows["grouped_full"]["ops"] < rows["full"]["ops"]
     (step,) = result["two_pass_steps"]
     assert step["width"] == 0.5 and 1.0 < step["predicted"] < 2.0 and step["measured"] > 0
 

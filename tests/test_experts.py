@@ -49,8 +49,9 @@ def run_kernel(kernel, experts, x_ND, m_N, e_N=None):
     e_N = torch.zeros_like(m_N) if e_N is None else e_N
     dispatcher = LocalDispatcher(len(experts), experts[0].ffn_hidden_size)
     plan = dispatcher.plan(e_N[:, None], m_N[:, None], (m_N > 0)[:, None])
-    y_ND, units = kernel(experts, dispatcher.dispatch(x_ND, plan))
-    return torch.zeros_like(x_ND).index_copy(0, plan.slot_N, y_ND), units
+    y_ND, units, order_N = kernel(experts, dispatcher.dispatch(x_ND, plan))
+    slot_N = plan.slot_N if order_N is None else plan.slot_N[order_N]
+    return torch.zeros_like(x_ND).index_copy(0, slot_N, y_ND), units
 
 
 def test_hidden_units_is_ceil_of_width_times_hidden():
@@ -264,7 +265,7 @@ def test_kernels_without_any_row(kernel):
         assert all(float(g.abs().sum()) == 0 for g in grads) and grads[1].shape == (64, 16)
 
 
-def test_grouped_kernel_reads_zero_flat_buffers_in_place_and_copies_other_weights_once():
+def test_grouped_kernel_views_flat_buffers_and_copies_other_weights_once():
     """Weights laid out expert after expert in one buffer (DeepSpeed ZeRO-1/2) are read as a
     strided view (no copy, always current); separately allocated weights are stacked once
     and restacked only after a weight changes."""
@@ -287,3 +288,16 @@ def test_grouped_kernel_reads_zero_flat_buffers_in_place_and_copies_other_weight
     again = stacks(loose)[0]
     assert again is not first
     torch.testing.assert_close(again[1], loose[1].w_up.detach())
+
+
+@pytest.mark.parametrize("capability,dtype,picks", [((9, 0), torch.bfloat16, True), ((10, 0), torch.bfloat16, True),
+                                                    ((12, 0), torch.bfloat16, False), ((8, 0), torch.bfloat16, False),
+                                                    ((9, 0), torch.float32, False)])
+def test_auto_kernel_is_grouped_in_bf16_on_hopper_and_b200_only(monkeypatch, capability, dtype, picks):
+    """Where torch's grouped product is one fused kernel (capability 9.x, 10.x; not 12.x, where
+    it is a loop of products after a host copy of the offsets), and in bf16 only."""
+    from mose_ds.grouped import auto_picks_grouped
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert auto_picks_grouped(torch.device("cuda", 0), dtype, 64, 256) is picks
+    assert not auto_picks_grouped(torch.device("cpu"), torch.bfloat16, 64, 256)

@@ -5,7 +5,7 @@ from conftest import sliced_ffn, tiny_config
 from mose_ds.gating import RouterSpec, top_k_routing
 from mose_ds.model import transformer_config
 from mose_ds.moe_layer import SlimmableMoE
-from mose_ds.widths import hidden_units, NormProbPolicy, UniformPolicy
+from mose_ds.widths import NormProbPolicy, UniformPolicy, hidden_units
 
 
 def build_moe(world, activation="gelu", router=RouterSpec(), shared=0, **moe):
@@ -153,8 +153,8 @@ def test_combine_sums_each_tokens_outputs_in_a_fixed_order():
     assert torch.equal(dispatcher.combine(y, p, plan), dispatcher.combine(y[shuffled], p, reordered))
     x = torch.randn(T, D, generator=gen, requires_grad=True)
     g = torch.randn(T * K, D, generator=gen) * torch.logspace(-4, 4, T * K).unsqueeze(1)
-    dx = torch.autograd.grad(dispatcher.dispatch(x, plan).x_ND, x, g)[0]
-    dx_reordered = torch.autograd.grad(dispatcher.dispatch(x, reordered).x_ND, x, g[shuffled])[0]
+    dx = torch.autograd.grad(dispatcher.dispatch(x, plan).x(), x, g)[0]
+    dx_reordered = torch.autograd.grad(dispatcher.dispatch(x, reordered).x(), x, g[shuffled])[0]
     assert torch.equal(dx, dx_reordered)
 
 

@@ -10,8 +10,8 @@ from conftest import tiny_config
 from mose_ds.flops import FlopsMeter, flop_counter, forward_flops_per_token
 from mose_ds.model import MoSEGPT, lm_loss
 from mose_ds.moe_layer import SlimmableMoE
-from mose_ds.widths import (allocation, budget_widths, exact_budget_widths, NormProbPolicy,
-                            round_to_grid, UniformPolicy)
+from mose_ds.widths import (NormProbPolicy, UniformPolicy, allocation, budget_widths, exact_budget_widths,
+                            round_to_grid)
 
 GRID = [round(0.25 + 0.05 * i, 2) for i in range(16)]
 

@@ -13,14 +13,19 @@ timed, not a loss):
       the grouped products; (b)-(d) use --kernel, by default what `auto` picks here)
 For each: median time (variants interleaved), and for (c)-(f) the time over (b)'s (median of
 per-round ratios) next to the mean executed width and the counted FLOPs ratio, and for (f)
-the time over the same policy's with the --kernel; peak memory of each variant in a fresh
-process, and of (b) at each of --memory-tokens (how memory grows with tokens).
+the time over the same policy's with the --kernel; host syncs and aten operations of one
+forward + backward (`mose_ds/counters.py`); peak memory of each variant in a fresh process,
+and of (b) at each of --memory-tokens (how memory grows with tokens).
 Training step: a two-pass step (full + width w) over a single full-width step, next to the
 ratio predicted from FLOPs.
+Counters: host syncs and aten operations of our layer at --experts and 64 experts with each
+kernel, and host syncs of a training iteration by place (MoE layers, training loop,
+DeepSpeed); all-to-all bytes of a forward + backward on 2 expert-parallel gloo ranks, with
+capacity and dropless, against the payload minimum (kept rows).
 
     python tools/bench_moe.py                               # CPU acceptance shapes
     python tools/bench_moe.py --json > bench.json
-    python tools/bench_moe.py --dtype bf16 --hidden 2048 --experts 64 --tokens 32768 \\
+    python tools/bench_moe.py --dtype bf16 --hidden 2048 --experts 64 --top-k 8 --tokens 32768 --budgets 2,4,6 \\
         --memory-tokens 32768,131072 --recipe ds_configs/gpt2_small_e8a2.yaml --seq-len 1024 --micro-batch 8   # GPU
 """
 
@@ -47,15 +52,15 @@ from mose_ds import grouped  # noqa: E402
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
-def masked_kernel(experts, rows) -> tuple[torch.Tensor, int]:
+def masked_kernel(experts, rows) -> tuple[torch.Tensor, int, None]:
     """(e): the masking implementation of per-token widths, as an expert kernel: every row
     computes all H hidden units, the units past its own size multiplied by zero."""
     outs, H = [], experts[0].ffn_hidden_size
     parts = rows.rows_per_expert()
-    for expert, x_nD, m_n in zip(experts, rows.x_ND.split(parts), rows.m_N.split(parts)):
+    for expert, x_nD, m_n in zip(experts, rows.x().split(parts), rows.m_N.split(parts)):
         mask_nH = (torch.arange(H, device=x_nD.device) < m_n[:, None]).to(x_nD.dtype)
         outs.append((expert.hidden(x_nD, 0, H) * mask_nH) @ expert.w_down)
-    return torch.cat(outs), rows.x_ND.shape[0] * H
+    return torch.cat(outs), rows.m_N.shape[0] * H, None
 
 
 def layer_class(masked: bool):
@@ -150,7 +155,8 @@ def policy(name: str):
 
 def step_fn(name: str, layer, x, grad_out, record: dict):
     """Forward + backward of one variant; `record[name]` gets (units executed, mean width the
-    policy asked for) of ours."""
+    policy asked for) of ours, the latter left on the device (reading it would add a host sync
+    to what is timed and counted)."""
     if layer_kind(name) == "deepspeed":
         def fn():
             x.grad = None
@@ -162,7 +168,7 @@ def step_fn(name: str, layer, x, grad_out, record: dict):
     def fn():
         x.grad = None
         out, info = layer(x, width_policy)
-        record[name] = (float(info.units), float(info.mean_width))
+        record[name] = (info.units, info.mean_width)
         torch.autograd.backward([out, info.aux_loss], [grad_out, None])
     return fn
 
@@ -201,12 +207,14 @@ def layer_benchmark(args, device, dtype) -> dict:
                "peak_fraction": tflops / peak if peak else None}
         if n in units:   # hidden units computed (range rounding included) over full width's
             row["executed_width"] = units[n][0] / full_units
-            row["policy_width"] = units[n][1]
+            row["policy_width"] = float(units[n][1])
         if n.startswith(("uniform", "normprob")):
             row["target"] = row["executed_width"] + 0.10
             row["ok"] = row["time_ratio"] <= row["target"]
         if layer_kind(n) == "other":   # (f) over the same policy with the kernel of (b)-(d)
             row["vs_kernel"] = measure.paired_ratios(samples, n.partition("_")[2])[n]
+        counter, row["cuda_syncs"] = counted(fns[n], x, grad_out, *layers[layer_kind(n)].parameters())
+        row["syncs"], row["ops"] = counter.syncs, counter.ops_total
         rows.append(row)
     vs_deepspeed = 1 / ratio["deepspeed"]
     return {"layer": rows, "kernels": dict(zip(("kernel", "other"), kernels(args))),
@@ -621,7 +629,7 @@ def print_report(args, r: dict) -> None:
     if "layer" in r:
         print(f"\nexpert kernel of (b)-(d): {r['kernels']['kernel']}; (f): {r['kernels']['other'] or 'none'}")
         print("forward + backward       | seconds | time / (b) | policy width | executed width | FLOPs ratio | TFLOP/s "
-              "| target <= | ok")
+              "| host syncs | aten ops | target <= | ok")
         for row in r["layer"]:
             width = (f"{row['policy_width']:12.3f} | {row['executed_width']:14.3f}" if "executed_width" in row
                      else f"{'':12} | {'':14}")
@@ -629,7 +637,7 @@ def print_report(args, r: dict) -> None:
             if "vs_kernel" in row:
                 target = f"{'':9} | {row['vs_kernel']:.3f}x the {r['kernels']['kernel']} kernel's time"
             print(f"  {row['variant']:22} | {row['seconds']:7.3f} | {row['time_ratio']:10.3f} | {width} | "
-                  f"{row['flops_ratio']:11.3f} | {row['tflops']:7.3f} | {target}")
+                  f"{row['flops_ratio']:11.3f} | {row['tflops']:7.3f} | {row['syncs']:10d} | {row['ops']:8d} | {target}")
         v = r["full_vs_deepspeed"]
         print(f"  (b) full / (a) deepspeed: {v['time_ratio']:.3f}x time ({'ok' if v['ok'] else 'SLOWER'})")
     if "memory" in r:
