@@ -11,8 +11,10 @@ project is tested and compared on any machine:
   every tensor computed from one (or written by an operation that reads one), are device
   tensors; a copy of one to the host (`.cpu()`) is counted once and gives a host tensor,
   whose further use costs nothing, as on a GPU. `.to(device)` is taken for what code written
-  for a GPU means by it, a move to the compute device: free for a device tensor, and it makes
-  a host tensor a device tensor.
+  for a GPU means by it, a move to the compute device: free for a device tensor; for a host
+  tensor a copy that makes it a device tensor, and a sync unless `non_blocking` (torch waits
+  for the stream after a blocking host-to-device copy). `torch.tensor(data, device=...)` is
+  such a blocking copy too.
 * **aten operations**: operations that launch work on the device (every dispatched operation
   that reads or writes a device tensor, and every factory such as `zeros` or `arange`, except
   views and bare allocations), the CPU stand-in for kernel launches. Work on host tensors
@@ -51,6 +53,7 @@ _NO_KERNEL = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_l
               aten.alias.default, aten.lift_fresh.default, aten._local_scalar_dense.default,
               aten._unsafe_view.default}
 _HOST_READS = {"tolist", "numpy"}
+_FROM_DATA = {"tensor", "as_tensor"}   # with a device: Python or host data copied to it
 
 
 def _syncs(func, args, kwargs) -> bool:
@@ -64,9 +67,11 @@ def _syncs(func, args, kwargs) -> bool:
     return False
 
 
-def _target_device(args, kwargs):
-    """The device argument of a `Tensor.to` call, or None (a dtype-only conversion)."""
-    return torch._C._nn._parse_to(*args[1:], **{k: v for k, v in kwargs.items() if k != "copy"})[0]
+def _target_device(args, kwargs) -> tuple[torch.device | None, bool]:
+    """The device argument of a `Tensor.to` call (None: a dtype-only conversion) and its
+    `non_blocking`."""
+    device, _, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **{k: v for k, v in kwargs.items() if k != "copy"})
+    return device, non_blocking
 
 
 class _Provenance(TorchDispatchMode):
@@ -106,14 +111,21 @@ class _Transfers(TorchFunctionMode):
         owner = self.owner
         source = args[0] if args and isinstance(args[0], torch.Tensor) else None
         out = func(*args, **kwargs)
+        if name in _FROM_DATA and kwargs.get("device") is not None:
+            owner.record(f"{name} (host to device)")                 # Python data copied onto the device
+            return owner.device_copy(out, same=False)
         if source is None or name not in _HOST_READS | {"cpu", "to"}:
             return out
         if owner.is_device(source) and name in _HOST_READS | {"cpu"}:
             owner.record(f"{name} (device to host)")
             if isinstance(out, torch.Tensor):
                 out = owner.host_copy(out, same=out is source)
-        elif name == "to" and _target_device(args, kwargs) is not None and not owner.is_device(source):
-            out = owner.device_copy(out, same=out is source)      # host to device: no wait
+        elif name == "to" and not owner.is_device(source):
+            device, non_blocking = _target_device(args, kwargs)
+            if device is not None:
+                if not non_blocking:                                    # the host waits for the stream
+                    owner.record("to (host to device, blocking)")
+                out = owner.device_copy(out, same=out is source)
         return out
 
 

@@ -19,8 +19,9 @@ over an expert-parallel group; DeepSpeed's). Both take the same three steps:
    sums them weighted by p, in fp32 and in a fixed order (no atomic adds): the same inputs
    give bitwise the same outputs and gradients, run after run.
 
-Nothing is sized by expert capacity: buffers, traffic and saved tensors follow kept rows, and
-capacity only decides which slots are kept (dropless keeps all of them).
+Nothing is sized by expert capacity: buffers, traffic and saved tensors follow kept rows (the
+combine keeps each token's K output rows, a zero row for a dropped slot), and capacity only
+decides which slots are kept (dropless keeps all of them).
 
 Shape legend: T tokens, K top-k, D model dim, E experts, L local experts, R expert-parallel
 ranks (E = R L), H expert hidden, M = H + 1 hidden sizes (0..H), N rows (kept slots).
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from deepspeed import comm as dist
 
-from .experts import ExpertRows, inverse, permute_rows
+from .experts import ExpertRows, gather_rows, inverse, permute_rows
 
 
 @dataclass
@@ -107,7 +108,7 @@ class LocalDispatcher:
         `w_TK`: the slots' continuous widths (relaxed forwards)."""
         def gather(order_N):
             _, token_N, row_TK = plan.sent(order_N)
-            return _Gather.apply(x_TD, token_N, row_TK)
+            return _gather_tokens(x_TD, token_N, row_TK)
         w_N = None if w_TK is None else w_TK.reshape(-1).index_select(0, plan.slot_N)
         return ExpertRows(plan.m_N, plan.expert_N, plan.counts_LM, gather, w_N)
 
@@ -153,7 +154,7 @@ class AllToAllDispatcher:
     def dispatch(self, x_TD: torch.Tensor, plan: Plan, w_TK: torch.Tensor | None = None) -> ExpertRows:
         """Every rank sends its rows, then the received ones are taken in the order a kernel
         asks (regrouped by local expert, widest first, by default)."""
-        sent_ND = _Gather.apply(x_TD, plan.token_N, plan.row_TK)
+        sent_ND = _gather_tokens(x_TD, plan.token_N, plan.row_TK)
         received_ND = _AllToAllV.apply(sent_ND, self.group, plan.send, plan.recv)
 
         def gather(order_N):
@@ -219,20 +220,10 @@ def _sum_over_choices(y_TKD: torch.Tensor, p_TK: torch.Tensor | None = None) -> 
     return out_TD
 
 
-class _Gather(torch.autograd.Function):
+def _gather_tokens(x_TD: torch.Tensor, token_N: torch.Tensor, row_TK: torch.Tensor) -> torch.Tensor:
     """The token of each row [N, D]; in backward each token sums its rows' gradients in a
     fixed order, choice 0 first (autograd's index_select backward adds them atomically)."""
-
-    @staticmethod
-    def forward(ctx, x_TD, token_N, row_TK):
-        ctx.save_for_backward(row_TK)
-        return x_TD.index_select(0, token_N)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_ND):
-        row_TK, = ctx.saved_tensors
-        return _sum_over_choices(_by_slot(g_ND, row_TK)).to(g_ND.dtype), None, None
+    return gather_rows(x_TD, token_N, lambda g_ND: _sum_over_choices(_by_slot(g_ND, row_TK)).to(g_ND.dtype))
 
 
 class _Combine(torch.autograd.Function):

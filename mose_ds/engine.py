@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import inspect
 import os
 import socket
 
@@ -108,14 +109,43 @@ def expert_rank(model: MoSEGPT) -> int:
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings, not norms; then DeepSpeed's MoE split of expert params."""
+    """Decay matrices and embeddings, not norms; then DeepSpeed's MoE split of expert params
+    into groups of at most its size limit, cut only between MoE layers: ZeRO flattens each
+    group into one buffer, so a layer's experts lie evenly spaced in one buffer, which the
+    grouped kernel reads as stacks without a copy (`grouped.weight_stacks`). DeepSpeed's
+    own cut falls wherever the limit does, inside a layer."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     base = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return split_params_into_different_moe_groups_for_optimizer(base)
+    groups_ = split_params_into_different_moe_groups_for_optimizer(base, max_group_size=None)
+    layer_of = {id(p): i for i, layer in enumerate(model.moe_layers()) for p in layer.parameters()}
+    return [part for g in groups_
+            for part in ([g] if not g.get("moe") else _cut_between_layers(g, layer_of, MOE_GROUP_LIMIT))]
+
+
+# DeepSpeed's default size limit of an expert parameter group (elements).
+MOE_GROUP_LIMIT = inspect.signature(split_params_into_different_moe_groups_for_optimizer).parameters[
+    "max_group_size"].default
+
+
+def _cut_between_layers(group: dict, layer_of: dict[int, int], limit: int) -> list[dict]:
+    """`group` as consecutive groups of at most `limit` elements, each holding whole MoE
+    layers (a layer larger than `limit` on its own, alone in its group)."""
+    per_layer: dict = {}
+    for p in group["params"]:                                   # in order, layer by layer
+        per_layer.setdefault(layer_of.get(id(p)), []).append(p)
+    parts, size = [[]], 0
+    for params in per_layer.values():
+        numel = sum(p.numel() for p in params)
+        if parts[-1] and size + numel > limit:
+            parts.append([])
+            size = 0
+        parts[-1] += params
+        size += numel
+    return [{**group, "params": ps} for ps in parts if ps]
 
 
 def lr_at(iteration: int, optim: OptimConfig, max_iters: int) -> float:

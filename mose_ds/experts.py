@@ -135,20 +135,26 @@ def inverse(order_N: torch.Tensor) -> torch.Tensor:
 def permute_rows(x_ND: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
     """x[order] for a permutation `order` (with its `inverse`): a gather forward and a gather
     backward, where autograd's index_select would scatter-add the gradient."""
-    return _PermuteRows.apply(x_ND, order_N, inverse_N)
+    return gather_rows(x_ND, order_N, lambda g_ND: g_ND.index_select(0, inverse_N))
 
 
-class _PermuteRows(torch.autograd.Function):
+def gather_rows(x_XD: torch.Tensor, index_N: torch.Tensor, backward: Callable[[torch.Tensor], torch.Tensor]
+                ) -> torch.Tensor:
+    """x[index] [N, D] whose gradient for x is `backward(g_ND)`: a deterministic gradient
+    (gathers, fixed-order sums) where autograd's index_select backward adds atomically."""
+    return _GatherRows.apply(x_XD, index_N, backward)
+
+
+class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, order_N, inverse_N):
-        ctx.save_for_backward(inverse_N)
-        return x_ND.index_select(0, order_N)
+    def forward(ctx, x_XD, index_N, backward):
+        ctx.backward = backward
+        return x_XD.index_select(0, index_N)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_ND):
-        inverse_N, = ctx.saved_tensors
-        return g_ND.index_select(0, inverse_N), None, None
+        return ctx.backward(g_ND), None, None
 
 
 class SlimmableFFN(nn.Module):

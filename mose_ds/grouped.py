@@ -16,11 +16,11 @@ ends are per expert and need no granule), by a few percent at most.
 Grouped products want 16-byte strides, so bucket ends are multiples of GRANULE units, and the
 model and expert hidden sizes must be multiples of GRANULE too (`supported`).
 
-The products read the experts' weights as [L, H, D] stacks (`WeightStacks`). Under ZeRO-1/2
-DeepSpeed keeps every parameter in one flat buffer, expert after expert, so each stack is a
-strided view of that buffer: no copy, always current. Otherwise (no ZeRO, inference) the
-stacks are built once and kept until a weight changes: one copy of the layer's local expert
-weights (`memory.grouped_stack_bytes`).
+The products read the experts' weights as [L, H, D] stacks (`weight_stacks`). Under ZeRO-1/2
+DeepSpeed keeps a layer's parameters in one flat buffer, expert after expert, so each stack is
+a strided view of that buffer: no copy, always current. Otherwise (no ZeRO, inference) the
+forward and the backward each stack them for their own use: a transient copy of one layer's
+local expert weights (`memory.grouped_stack_bytes`).
 
 Shape legend: N rows, D model dim, H expert hidden, U units of a bucket, L local experts,
 B buckets.
@@ -93,34 +93,27 @@ def plan_layout(rows: ExpertRows, hidden: int) -> Layout:
                   int((rows_B * ends_B).sum()), partial_J.flip(0).tolist())
 
 
-class WeightStacks:
-    """One MoE layer's local expert weights as [L, H, D] stacks (up, down, gate or None),
-    detached: the grouped products read them, gradients still go to each expert's own
-    parameters.
+def weight_stacks(experts: Sequence[SlimmableFFN], units: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One MoE layer's local expert weights as [L, units, D] stacks (up, down, gate or None;
+    the first `units` hidden units, all the products read), detached: the grouped products
+    read them, gradients still go to each expert's own parameters.
 
     When an expert weight lies at the same distance from the previous expert's in one
-    storage (DeepSpeed's ZeRO-1/2 flat buffers), the stack is a strided view: no copy, and
-    always the current weights. Otherwise the stacks are copied once and reused until a
-    weight is replaced or written in place (its storage or autograd version changes): once
-    per optimizer step in training, once in all in inference."""
-
-    def __init__(self):
-        self._key, self._stacks = None, None
-
-    def __call__(self, experts: Sequence[SlimmableFFN]) -> tuple[torch.Tensor, ...]:
-        kinds = [[e.w_up for e in experts], [e.w_down for e in experts]]
-        if experts[0].activation == "swiglu":
-            kinds.append([e.w_gate for e in experts])
-        views = [_strided_stack(ws) for ws in kinds]
-        if all(v is not None for v in views):
-            return (*views, None)[:3]
-        key = tuple((w.data_ptr(), w._version) for ws in kinds for w in ws)
-        if key != self._key:
-            self._key, self._stacks = None, None                       # free the old copy first
-            with torch.no_grad():
-                self._stacks = tuple(torch.stack(ws) for ws in kinds)
-            self._key = key
-        return (*self._stacks, None)[:3]
+    storage (DeepSpeed's ZeRO-1/2 flat buffers, `engine.optimizer_groups` keeping a layer's
+    experts in one buffer), the stack is a strided view: no copy, and always the current
+    weights. Otherwise it is a copy, made at each call (the kernel's forward and backward each
+    make and drop their own): a copy cached across calls could not know of optimizers that
+    write weights through `.data` (DeepSpeed's do), which change neither a weight's storage
+    nor its version, and one kept from forward to backward would hold a copy of every layer's
+    experts at the end of the forward."""
+    kinds = [[e.w_up for e in experts], [e.w_down for e in experts]]
+    if experts[0].activation == "swiglu":
+        kinds.append([e.w_gate for e in experts])
+    views = [_strided_stack(ws) for ws in kinds]
+    with torch.no_grad():
+        stacks = [torch.stack([w[:units] for w in ws]) if view is None else view[:, :units]
+                  for view, ws in zip(views, kinds)]
+    return (*stacks, None)[:3]
 
 
 def _strided_stack(ws: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -138,11 +131,7 @@ def _strided_stack(ws: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 
 class GroupedKernel:
-    """The expert kernel of `moe.expert_kernel: grouped` (module docstring); one per MoE layer
-    (it keeps that layer's weight stacks)."""
-
-    def __init__(self):
-        self.stacks = WeightStacks()
+    """The expert kernel of `moe.expert_kernel: grouped` (module docstring)."""
 
     def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Outputs in the layout's order (bucket by bucket, expert by expert)."""
@@ -152,7 +141,8 @@ class GroupedKernel:
             weights += [e.w_gate for e in experts]
         order_N = layout.order_N
         y_ND = _GroupedFFN.apply(rows.x(order_N), rows.m_N.index_select(0, order_N), layout,
-                                 self.stacks(experts), len(experts), *weights)
+                                 lambda: weight_stacks(experts, layout.ends[0] if layout.ends else 0),
+                                 len(experts), *weights)
         return y_ND, layout.units, order_N
 
 
@@ -177,13 +167,13 @@ class _GroupedFFN(torch.autograd.Function):
     of autograd's full-size gradient per slice. (Each bucket's product is rounded to the
     weights' dtype before that sum: up to MAX_RANGES roundings per unit in bf16.)
 
-    x_ND, m_N: rows in layout order; stacks: `WeightStacks` of the weights, which follow
+    x_ND, m_N: rows in layout order; stacks: gives `weight_stacks` of the weights, which follow
     (L w_up, L w_down, then L w_gate with SwiGLU) so that autograd routes their gradients.
     """
 
     @staticmethod
     def forward(ctx, x_ND, m_N, layout, stacks, L, *weights):
-        w_up, w_down, w_gate = stacks
+        w_up, w_down, w_gate = stacks()
         outs, saved, r0 = [], [], 0
         for b, (U, n) in enumerate(zip(layout.ends, layout.rows)):
             x_nD, offs_L = x_ND[r0:r0 + n], layout.offs_BL[b]
@@ -193,7 +183,7 @@ class _GroupedFFN(torch.autograd.Function):
             outs.append(_gmm(h_nU, w_down[:, :U], offs_L))                            # [n, D]
             saved += [up_nU, gate_nU]
             r0 += n
-        ctx.layout, ctx.stacks, ctx.L = layout, stacks, L
+        ctx.layout, ctx.stacks, ctx.L, ctx.H = layout, stacks, L, weights[0].shape[0]
         ctx.save_for_backward(x_ND, m_N, *saved)
         return torch.cat(outs) if outs else x_ND.new_zeros(x_ND.shape)
 
@@ -202,9 +192,9 @@ class _GroupedFFN(torch.autograd.Function):
     def backward(ctx, g_ND):
         x_ND, m_N, *saved = ctx.saved_tensors
         layout, L = ctx.layout, ctx.L
-        w_up, w_down, w_gate = ctx.stacks
+        w_up, w_down, w_gate = ctx.stacks()
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
-        H, D, dtype = w_up.shape[1], w_up.shape[2], w_up.dtype
+        H, D, dtype = ctx.H, w_up.shape[2], w_up.dtype
         reach = layout.ends[0] if layout.ends else 0                      # units any row has
         acc = [torch.zeros(L, reach, D, dtype=torch.float32, device=w.device)   # weight gradients
                if w is not None and any(want_w[k * L:(k + 1) * L]) else None
@@ -230,10 +220,11 @@ class _GroupedFFN(torch.autograd.Function):
                 dx_parts.append(dx_nD)
             r0 += n
         dx_ND = (torch.cat(dx_parts) if dx_parts else torch.zeros_like(x_ND)) if want_x else None
-        del d_up, d_down, d_gate
+        present = [w is not None for w in (w_up, w_down, w_gate)]
+        del w_up, w_down, w_gate, d_up, d_down, d_gate                    # stacks freed before the gradients
         grads = []
-        for k, w in enumerate((w_up, w_down, w_gate)):
-            if w is not None:
+        for k, kind in enumerate(present):
+            if kind:
                 d, acc[k] = acc[k], None                                  # one buffer alive at a time
                 grads += _weight_grad(d, H, dtype).unbind(0) if d is not None else [None] * L
         return (dx_ND, None, None, None, None, *(g if want else None for g, want in zip(grads, want_w)))

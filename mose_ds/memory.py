@@ -111,14 +111,17 @@ def model_states(counts: ParamCounts, world: int, ep: int, zero_stage: int, prec
             "optimizer": optimizer, "step_temporary": temp}
 
 
-def grouped_stack_bytes(counts: ParamCounts, ep: int, zero_stage: int, precision: str, kernel: str) -> float:
-    """What the grouped expert kernel keeps besides the weights (`grouped.WeightStacks`): it
+def grouped_stack_bytes(counts: ParamCounts, ep: int, zero_stage: int, precision: str, kernel: str,
+                        moe_layers: int = 1) -> float:
+    """What the grouped expert kernel needs besides the weights (`grouped.weight_stacks`): it
     reads each MoE layer's local expert weights as [L, H, D] stacks. Under ZeRO-1/2 they are
-    views of DeepSpeed's flat parameter buffer (nothing); without ZeRO (fp32 only, so only an
-    explicit `moe.expert_kernel: grouped`) one copy of the local expert weights, rebuilt after
-    each optimizer step."""
+    views of DeepSpeed's flat parameter buffer (nothing). Without ZeRO (fp32 only, so only an
+    explicit `moe.expert_kernel: grouped`) the layer's forward and backward each copy them for
+    their own use: one layer's local expert weights at a time, a transient."""
     grouped = kernel == "grouped" or (kernel == "auto" and precision == "bf16")
-    return _bytes(precision) * counts.expert / ep if grouped and zero_stage == 0 else 0.0
+    if not grouped or zero_stage != 0:
+        return 0.0
+    return _bytes(precision) * counts.expert / ep / max(1, moe_layers)
 
 
 def reduce_buffers(counts: ParamCounts, ep: int, zero_stage: int, precision: str,
@@ -292,10 +295,11 @@ def plan(cfg, counts: ParamCounts, cluster: Cluster, grad_accum_dtype: str = "fp
     act = activations(activation_shape(cfg.model, cfg.moe), cfg.train.micro_batch_size, cfg.model.seq_len,
                       e.precision, widths, cfg.train.activation_checkpointing, fused_attention)
     buffers = reduce_buffers(counts, ep, e.zero_stage, e.precision, e.reduce_bucket_size, e.overlap_comm)
-    stacks = grouped_stack_bytes(counts, ep, e.zero_stage, e.precision, cfg.moe.expert_kernel)
+    stacks = grouped_stack_bytes(counts, ep, e.zero_stage, e.precision, cfg.moe.expert_kernel,
+                                 cfg.model.num_moe_layers)
     layer = moe_layer(activation_shape(cfg.model, cfg.moe), cfg.train.micro_batch_size * cfg.model.seq_len,
                       1.0, e.precision, ep) if cfg.model.num_moe_layers else None
-    peaks = peak(states, act["total"], buffers + stacks)
+    peaks = peak(states, act["total"] + stacks, buffers)      # stacks: a transient of forward and backward
     usable = cluster.gpu_memory_gib * GiB * (1 - reserve)
     return {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "world": world,
             "expert_parallel": ep, "zero_stage": e.zero_stage, "precision": e.precision,

@@ -81,7 +81,7 @@ class Route:
     stats: RoutingStats
 
 
-LOOP, RELAXED = LoopKernel(), RelaxedKernel()
+LOOP, RELAXED, GROUPED = LoopKernel(), RelaxedKernel(), grouped.GroupedKernel()
 
 
 class SlimmableMoE(MoE):
@@ -112,7 +112,6 @@ class SlimmableMoE(MoE):
                              f"multiples of {grouped.GRANULE}: model {config.hidden_size}, expert {ffn_hidden_size}")
         self.dispatcher = (LocalDispatcher(moe.num_experts, ffn_hidden_size) if moe.expert_parallel_size == 1
                            else AllToAllDispatcher(moe.num_experts, ffn_hidden_size, moe.expert_parallel_size))
-        self.grouped_kernel = grouped.GroupedKernel()
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """DeepSpeed's group creation (the engine calls this), handing the expert-parallel
@@ -129,7 +128,7 @@ class SlimmableMoE(MoE):
         if name == "auto":
             name = "grouped" if grouped.auto_picks_grouped(x.device, x.dtype, x.shape[-1], self.ffn_hidden_size) \
                 else "loop"
-        return self.grouped_kernel if name == "grouped" else LOOP
+        return GROUPED if name == "grouped" else LOOP
 
     @property
     def router(self) -> Router:
@@ -150,6 +149,7 @@ class SlimmableMoE(MoE):
                                     also=shared_sort[2:] if shared_sort else ())
         rows = self.dispatcher.dispatch(x_TD, plan, w_TK if relaxed else None)        # 4.
         y_ND, units, order_N = self.expert_kernel(x_TD, relaxed)(self.local_experts, rows)   # 5.
+        del rows                       # frees the received rows: the kernel keeps its own copy
         out_TD = self.dispatcher.combine(y_ND, route.p_TK, plan, order_N)             # 6.
         if self.shared_ffn is not None:
             shared_TD, shared_units = self._run_shared(x_TD, shared_sort, plan.also)

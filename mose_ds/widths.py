@@ -125,7 +125,7 @@ def exact_budget_widths(q_TK: torch.Tensor, budget: float, wmin: float, wmax: fl
 
 def round_to_grid(w: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
     """Each width to the nearest grid point (ties to the larger)."""
-    g = torch.tensor(sorted(grid), dtype=torch.float32, device=w.device)
+    g = torch.tensor(sorted(grid), dtype=torch.float32).to(w.device, non_blocking=True)   # no host wait
     dist = (w.float().unsqueeze(-1) - g).abs()
     # flip so that argmin picks the larger of two equally near points
     return g.flip(0)[dist.flip(-1).argmin(-1)]
@@ -156,7 +156,7 @@ class NormProbPolicy:
 
     def __call__(self, p_TK: torch.Tensor, layer: int, relaxed: bool = False) -> torch.Tensor:
         g = self.gamma if self.gamma.dim() == 0 else self.gamma[layer]
-        q_TK = allocation(p_TK, g.to(p_TK.device))
+        q_TK = allocation(p_TK, g.to(p_TK.device, non_blocking=True))     # no host wait
         if self.exact_budget:
             w_TK = exact_budget_widths(q_TK, self.budget, self.wmin, self.wmax)
         else:

@@ -42,6 +42,21 @@ def test_work_without_host_reads_is_free_and_host_copies_are_host_tensors():
     assert counter.syncs == 1 and counter.by_kind["cpu (device to host)"] == 1
 
 
+def test_blocking_copies_to_the_device_are_syncs():
+    """torch waits for the stream after a blocking host-to-device copy; a non_blocking one is
+    queued, and a tensor already on the device does not move."""
+    x = torch.arange(6.0)
+    counter = counter_for(x)
+    with counter:
+        g = torch.tensor([1.0, 2.0])                # host data, staying on the host: free
+        a = g.to(x.device)                          # blocking copy: counted
+        b = g.to(x.device, non_blocking=True)       # queued: free
+        c = torch.tensor([3.0], device=x.device)    # Python data onto the device: counted
+        (a * b + c).to(x.device)                    # computed on the device, already there
+    assert counter.syncs == 2
+    assert counter.by_kind["to (host to device, blocking)"] == 1 and counter.by_kind["tensor (host to device)"] == 1
+
+
 def test_operations_count_launches_on_device_tensors_only():
     x = torch.randn(4, 4)
     counter = counter_for(x)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import sliced_ffn
+from conftest import sliced_ffn, tiny_config
 from mose_ds.dispatch import LocalDispatcher
 from mose_ds.experts import LoopKernel, SlimmableFFN
 from mose_ds.grouped import GroupedKernel
@@ -265,29 +265,53 @@ def test_kernels_without_any_row(kernel):
         assert all(float(g.abs().sum()) == 0 for g in grads) and grads[1].shape == (64, 16)
 
 
-def test_grouped_kernel_views_flat_buffers_and_copies_other_weights_once():
+def test_grouped_kernel_views_flat_buffers_and_copies_other_weights_each_forward():
     """Weights laid out expert after expert in one buffer (DeepSpeed ZeRO-1/2) are read as a
-    strided view (no copy, always current); separately allocated weights are stacked once
-    and restacked only after a weight changes."""
-    from mose_ds.grouped import WeightStacks
+    strided view (no copy, always current); separately allocated weights are stacked by each
+    forward, so a write through `.data` (no storage or version change, as DeepSpeed's
+    optimizers write) is seen at once."""
+    from mose_ds.grouped import weight_stacks
     experts = [make("gelu", D=16, H=64) for _ in range(3)]
     flat = torch.randn(3 * 2 * 64 * 16)
     for i, ffn in enumerate(experts):      # as ZeRO's flat buffer: e0.w_up, e0.w_down, e1.w_up, ...
         ffn.w_up.data = flat[(2 * i) * 1024:(2 * i + 1) * 1024].view(64, 16)
         ffn.w_down.data = flat[(2 * i + 1) * 1024:(2 * i + 2) * 1024].view(64, 16)
-    stacks = WeightStacks()
-    up, down, gate = stacks(experts)
+    up, down, gate = weight_stacks(experts, 64)
     assert gate is None and up.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
-    flat.mul_(2)                                                  # an optimizer step, in place
-    torch.testing.assert_close(stacks(experts)[0][2], experts[2].w_up.detach())
+    flat.data.mul_(2)                                             # an optimizer step, in place
+    torch.testing.assert_close(up[2], experts[2].w_up.detach())
     loose = [make("gelu", D=16, H=64) for _ in range(3)]
-    first = stacks(loose)[0]
-    assert stacks(loose)[0] is first                              # reused, not restacked
-    with torch.no_grad():
-        loose[1].w_up.add_(1.0)
-    again = stacks(loose)[0]
-    assert again is not first
-    torch.testing.assert_close(again[1], loose[1].w_up.detach())
+    weight_stacks(loose, 64)
+    loose[1].w_up.data.add_(1.0)                                  # neither storage nor version moves
+    torch.testing.assert_close(weight_stacks(loose, 64)[0][1], loose[1].w_up.detach())
+    assert weight_stacks(loose, 40)[1].shape == (3, 40, 16)                # the units the products read
+
+
+def test_optimizer_groups_keep_each_layers_experts_in_one_zero_buffer(world, monkeypatch):
+    """With a group size limit that DeepSpeed's split would cut inside the second MoE layer,
+    every layer's experts still lie in one ZeRO flat buffer: the grouped kernel reads each as
+    a view, current after an optimizer step."""
+    from mose_ds import engine as engine_lib
+    from mose_ds.grouped import weight_stacks
+    from mose_ds.train import train_micro_batch
+    cfg = tiny_config(model={"num_layers": 4}, engine={"zero_stage": 2})
+    model = engine_lib.build_model(cfg)
+    layers = model.moe_layers()
+    per_layer = sum(p.numel() for p in layers[0].local_experts.parameters())
+    monkeypatch.setattr(engine_lib, "MOE_GROUP_LIMIT", per_layer + per_layer // 2)
+    engine = engine_lib.create_engine(cfg, model)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_len + 1))
+    before = layers[-1].local_experts[-1].w_up.detach().clone()
+    while not engine.is_gradient_accumulation_boundary():
+        train_micro_batch(engine, cfg, tokens[:, :-1], tokens[:, 1:], 0.5)
+    train_micro_batch(engine, cfg, tokens[:, :-1], tokens[:, 1:], 0.5)          # with the optimizer step
+    assert len(layers) >= 2 and not torch.equal(before, layers[-1].local_experts[-1].w_up)
+    for layer in layers:
+        experts = list(layer.local_experts)
+        up, down, _ = weight_stacks(experts, experts[0].ffn_hidden_size)
+        assert up.untyped_storage().data_ptr() == experts[0].w_up.untyped_storage().data_ptr()
+        assert down.untyped_storage().data_ptr() == experts[0].w_down.untyped_storage().data_ptr()
+        torch.testing.assert_close(up[-1], experts[-1].w_up.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("capability,dtype,picks", [((9, 0), torch.bfloat16, True), ((10, 0), torch.bfloat16, True),

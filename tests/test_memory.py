@@ -101,6 +101,18 @@ def test_activation_checkpointing_and_two_pass_shrink_the_plan():
     assert recompute < single / 4
 
 
+def test_grouped_stacks_are_planned_only_without_zero_one_layer_at_a_time():
+    """Without a ZeRO flat buffer a layer's forward and backward each copy its expert weights
+    for their own use: one layer's local experts at a time; under ZeRO-1/2 the stacks are
+    views (nothing), and `auto` in fp32 runs the loop."""
+    from mose_ds.memory import grouped_stack_bytes
+    c = ParamCounts(non_expert=1000, expert=8000)
+    assert grouped_stack_bytes(c, 2, 0, "fp32", "grouped") == 4 * 4000
+    assert grouped_stack_bytes(c, 2, 0, "fp32", "grouped", moe_layers=4) == 4 * 1000
+    assert grouped_stack_bytes(c, 2, 1, "bf16", "grouped", 4) == 0
+    assert grouped_stack_bytes(c, 2, 0, "fp32", "auto", 4) == 0
+
+
 def run_tool(*args, timeout=600):
     return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=ROOT,
                           env=clean_env(), timeout=timeout)

@@ -162,13 +162,15 @@ def test_combine_sums_each_tokens_outputs_in_a_fixed_order():
 @pytest.mark.parametrize("experts", [4, 64])
 def test_one_host_sync_per_layer_forward_and_backward(world, kernel, experts):
     """Counted as on a GPU (mose_ds.counters): the dispatch plan's one copy to the host, at
-    any number of experts, per-token widths and the shared experts included."""
+    any number of experts, per-token widths (gamma and grid moved to the device without a
+    wait) and the shared experts included."""
     from mose_ds.counters import HostSyncCounter
     layer = build_moe(world, shared=64, expert_kernel=kernel, num_experts=experts, shared_slimmable=True)
     x = torch.randn(8, 4, 32)
-    forward_backward(layer, x, NormProbPolicy(1.0))
+    policy = NormProbPolicy(1.0, gamma=1.5, grid=(0.25, 0.5, 0.75, 1.0))   # host gamma and grid
+    forward_backward(layer, x, policy)
     counter = HostSyncCounter()
     counter.device(x, *layer.parameters())
     with counter:
-        forward_backward(layer, x, NormProbPolicy(1.0))
+        forward_backward(layer, x, policy)
     assert counter.syncs == 1, dict(counter.where)

@@ -49,7 +49,8 @@ from mose_ds.config import from_dict, load_config, to_dict  # noqa: E402
 from mose_ds import grouped  # noqa: E402
 
 # Dense bf16 peak TFLOP/s by device name, for utilisation figures (override: --peak-tflops).
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+# GB200 before B200: the first name contained in the device's wins.
+PEAK_BF16_TFLOPS = {"GB200": 2500.0, "B200": 2250.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 def masked_kernel(experts, rows) -> tuple[torch.Tensor, int, None]:
@@ -346,7 +347,7 @@ class CycledWidths:
     widths: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
     def __call__(self, p_TK, layer, relaxed=False):
-        w = torch.tensor(self.widths, device=p_TK.device)
+        w = torch.tensor(self.widths).to(p_TK.device, non_blocking=True)
         return w.repeat(p_TK.numel() // len(self.widths) + 1)[:p_TK.numel()].view(p_TK.shape)
 
 
@@ -477,12 +478,15 @@ def exchange_benchmark(args) -> dict:
     """Bytes each all-to-all of one forward + backward moves over both ranks, per kept slot,
     against the payload minimum (a kept slot's row: hidden x element size)."""
     from mose_ds.engine import child_env, free_port
-    say("all-to-all bytes on 2 expert-parallel gloo ranks ...")
+    env, on_gpus = child_env(), torch.cuda.device_count() >= 2
+    if not on_gpus:   # two ranks cannot share one GPU's NCCL group; the bytes do not depend on the device
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    say(f"all-to-all bytes on 2 expert-parallel {'NCCL' if on_gpus else 'gloo CPU'} ranks ...")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "exchange.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                os.path.abspath(__file__), *args.argv, "--exchange-worker", out]
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=child_env())
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if result.returncode != 0 or not os.path.exists(out):
             raise RuntimeError(f"the 2-rank exchange measurement failed:\n{result.stderr[-3000:]}")
         with open(out) as f:

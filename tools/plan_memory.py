@@ -105,8 +105,8 @@ def print_plan(p: dict, check: dict) -> None:
     print(f"  {'optimizer-step peak':<22} {gib(p['step_peak']):>8} GiB  (gradients "
           f"{gib(p['gradients_step'])} + step temporary {gib(p['step_temporary'])})")
     if p["expert_stacks"]:
-        print(f"  {'grouped-kernel stacks':<22} {gib(p['expert_stacks']):>8} GiB  (a copy of the local expert "
-              "weights: no ZeRO flat buffer to view)")
+        print(f"  {'grouped-kernel stacks':<22} {gib(p['expert_stacks']):>8} GiB  (a transient copy of one layer's "
+              "expert weights, in the backward peak: no ZeRO flat buffer to view)")
     if p["moe_layer"]:
         m = p["moe_layer"]
         print(f"  one MoE layer's forward: keeps {m['saved'] / 2**20:,.0f} MiB for backward, peaks at "
