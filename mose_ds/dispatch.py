@@ -52,17 +52,29 @@ class Plan:
     recv: list[int] | None = None          # rows received from each rank
     regroup_N: torch.Tensor | None = None  # the experts' row i is received row regroup_N[i]
 
+    _reordered: dict = field(default_factory=dict, repr=False)   # (kind, order) -> indices
+
     def sent(self, order_N: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(slot_N, token_N, row_TK) with the rows in a kernel's order (row order_N[i] at i)."""
         if order_N is None:
             return self.slot_N, self.token_N, self.row_TK
-        position_N = F.pad(inverse(order_N), (0, 1), value=order_N.numel())      # N: no row
-        return self.slot_N[order_N], self.token_N[order_N], position_N[self.row_TK]
+        return self._once("sent", order_N, lambda: (
+            self.slot_N[order_N], self.token_N[order_N],
+            F.pad(inverse(order_N), (0, 1), value=order_N.numel())[self.row_TK]))   # N: no row
 
     def received(self, order_N: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Which received row each of the experts' rows is, in a kernel's order, and back."""
-        regroup_N = self.regroup_N if order_N is None else self.regroup_N[order_N]
-        return regroup_N, inverse(regroup_N)
+        def indices():
+            regroup_N = self.regroup_N if order_N is None else self.regroup_N[order_N]
+            return regroup_N, inverse(regroup_N)
+        return self._once("received", order_N, indices)
+
+    def _once(self, kind: str, order_N: torch.Tensor | None, make):
+        """Indices for one order, computed once: dispatch and combine both ask for them."""
+        key = (kind, None if order_N is None else id(order_N))
+        if key not in self._reordered:
+            self._reordered[key] = (order_N, make())    # the order is kept, so its id stays its own
+        return self._reordered[key][1]
 
 
 def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
