@@ -246,17 +246,21 @@ class DataConfig:
 
 @dataclass
 class EngineConfig:
-    """DeepSpeed engine concerns only; batch sizes and the optimizer are filled in by code."""
+    """DeepSpeed engine concerns only; batch sizes and the optimizer are filled in by code.
+    Every key and why it has its default: docs/config.md."""
     zero_stage: int = 1
     precision: str = "bf16"
-    overlap_comm: bool = False
+    device: str = "auto"          # auto | cpu | cuda (devices.py); auto refuses a bf16 run without CUDA
+    grad_comm_dtype: str = "fp32"  # gradients cross ranks in fp32 (bf16: half the traffic, rounded sums)
+    overlap_comm: bool = True     # ZeRO-2 reduces buckets on a side stream while backward runs
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
     comm_timeout_s: int = 600     # a collective that waits longer aborts the job (a dead peer)
     extra: dict = field(default_factory=dict)
 
     OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "optimizer", "scheduler", "gradient_clipping", "zero_optimization", "bf16", "fp16")
+             "optimizer", "scheduler", "gradient_clipping", "zero_optimization", "bf16", "fp16",
+             "communication_data_type")
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2):
@@ -264,6 +268,10 @@ class EngineConfig:
                               "(DeepSpeed MoE does not support ZeRO-3)")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"engine.precision={self.precision!r}: expected 'fp32' or 'bf16'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"engine.device={self.device!r}: expected 'auto', 'cpu' or 'cuda'")
+        if self.grad_comm_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"engine.grad_comm_dtype={self.grad_comm_dtype!r}: expected 'fp32' or 'bf16'")
         _positive(self, "comm_timeout_s")
         if self.zero_stage == 0 and self.precision == "bf16":
             raise ConfigError("engine.zero_stage=0 with engine.precision=bf16: DeepSpeed accumulates bf16 "

@@ -91,6 +91,30 @@ def micro_batch(split: TokenSplit, seed: int, position: int, micro: int, rank: i
     return split.batch(train_window_ids(split, seed, start, micro_batch_size))
 
 
+def device_batches(split: TokenSplit, seed: int, position: int, rank: int, world: int, micro_batch_size: int,
+                   grad_accum_steps: int, device: torch.device):
+    """This rank's training micro-batches from sample `position` on, in order (iteration by
+    iteration, `grad_accum_steps` each), as (inputs, targets) on `device`.
+
+    Each batch is read one step ahead and, on CUDA, copied from pinned memory without
+    blocking: a copy from pageable memory would hold the host until the device has
+    finished the work queued before it, so the host could not run ahead of the device."""
+    global_batch = micro_batch_size * grad_accum_steps * world
+
+    def send(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        iteration, micro = divmod(i, grad_accum_steps)
+        x, y = micro_batch(split, seed, position + iteration * global_batch, micro, rank, world, micro_batch_size)
+        if device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    ahead, i = send(0), 0
+    while True:
+        current, i = ahead, i + 1
+        ahead = send(i)
+        yield current
+
+
 def val_batch_count(split: TokenSplit, num_batches: int, world: int, micro_batch_size: int) -> int:
     """Validation batches per rank: `num_batches`, or fewer if the split is smaller."""
     available = split.num_windows // (world * micro_batch_size)

@@ -9,7 +9,7 @@ than megatron-core's `MLASelfAttention`: in megatron-core 0.16.1 that module's y
 embedding moves its frequencies to `torch.cuda.current_device()` on every forward
 (`YarnRotaryEmbedding.get_emb`), so it cannot run on a CPU-only machine, where our tests and
 the tiny recipes run. Ours follows the reference (`transformers`' `DeepseekV2Attention`)
-step by step and runs on any device through `scaled_dot_product_attention`.
+step by step and runs on any device through the fused causal attention of `attention.py`.
 
 Shape legend: S sequence, B batch, D model dim, N heads, R kv_lora_rank,
 P rope head dim, Q no-rope head dim, V value head dim.
@@ -22,8 +22,9 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .attention import causal_attention
 
 MODEL_TYPE = "deepseek_v2"
 # HF keys every DeepSeek-V2 config must have (others have the reference's defaults).
@@ -195,6 +196,6 @@ class MultiLatentAttention(nn.Module):
         k_rope_B1SP = apply_rope(k_rope_BSP.unsqueeze(1), cos, sin)
         q_BNSH = torch.cat([q_nope, q_rope], dim=-1)
         k_BNSH = torch.cat([k_nope, k_rope_B1SP.expand(B, self.N, S, self.P)], dim=-1)
-        o_BNSV = F.scaled_dot_product_attention(q_BNSH, k_BNSH, v_BNSV, is_causal=True, scale=self.scale)
+        o_BNSV = causal_attention(q_BNSH, k_BNSH, v_BNSV, self.scale)   # v padded for the fused kernel
         out_BSD = self.o_proj(o_BNSV.transpose(1, 2).reshape(B, S, self.N * self.V))
         return out_BSD.transpose(0, 1), None

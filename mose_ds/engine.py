@@ -22,7 +22,7 @@ from deepspeed import comm as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 
-from . import cpu_compat
+from . import cpu_compat, devices
 from .config import ConfigError, OptimConfig, RunConfig
 from .model import MoSEGPT
 
@@ -42,29 +42,42 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in WORLD_VARIABLES}
 
 
-def init_distributed(seed: int = 1234, timeout_s: int = 600) -> None:
-    """Join the launcher's process group, or make a one-rank world when run without one.
+def init_distributed(timeout_s: int = 600, device: str | torch.device = "auto") -> torch.device:
+    """Join the launcher's process group, or make a one-rank world when run without one;
+    returns this process's device (`devices.choose(device)`; a CUDA rank takes GPU LOCAL_RANK).
 
-    A collective that waits `timeout_s` for a peer (one that died) raises instead of hanging;
-    on NCCL that needs async error handling, switched on here unless the user set it."""
+    CPU ranks use gloo and DeepSpeed's CPU accelerator (`cpu_compat`), CUDA ranks NCCL. A
+    collective that waits `timeout_s` for a peer (one that died) raises instead of hanging;
+    on NCCL that needs async error handling, switched on here unless the user set it.
+    megatron's model-parallel state (tensor and pipeline size 1, which its layers read) is
+    made without its gloo groups: they would span the whole world over TCP and are unused.
+    The first call decides; later calls return its device."""
+    global _DEVICE
+    if _DEVICE is not None:
+        return _DEVICE
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    on_cpu = cpu_compat.apply(seed)
-    if not on_cpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    chosen = devices.choose(device)
+    if chosen.type == "cuda":
+        chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(chosen)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    else:
+        cpu_compat.apply()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(dist_backend="nccl" if chosen.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s))
         atexit.register(_leave_process_group)
     from megatron.core import parallel_state
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-        if not on_cpu:
-            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-            model_parallel_cuda_manual_seed(seed)
+        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+    _DEVICE = chosen
+    return chosen
+
+
+_DEVICE: torch.device | None = None
 
 
 def _leave_process_group() -> None:
@@ -80,9 +93,10 @@ def _leave_process_group() -> None:
 
 
 def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """The device `init_distributed` chose for this process."""
+    if _DEVICE is None:
+        raise RuntimeError("engine.device() before engine.init_distributed()")
+    return _DEVICE
 
 
 def check_layout(cfg: RunConfig, world_size: int) -> None:
@@ -94,8 +108,9 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
 def build_model(cfg: RunConfig) -> MoSEGPT:
     """Build, attach DeepSpeed's expert-parallel groups, and initialise (layout-independent)."""
     check_layout(cfg, dist.get_world_size())
-    model = MoSEGPT(cfg.model, cfg.moe, bf16=cfg.engine.precision == "bf16",
-                    activation_checkpointing=cfg.train.activation_checkpointing)
+    with device():   # parameters are allocated where they train, never all on the host first
+        model = MoSEGPT(cfg.model, cfg.moe, bf16=cfg.engine.precision == "bf16",
+                        activation_checkpointing=cfg.train.activation_checkpointing)
     for moe in model.moe_layers():
         moe.set_deepspeed_parallelism()
     model.init_weights(cfg.train.seed, expert_rank(model))
@@ -174,8 +189,10 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": e.precision == "bf16"},
-        # accumulate micro-batch gradients in fp32 even when the model runs in bf16
+        # accumulate micro-batch gradients in fp32 even when the model runs in bf16, and
+        # reduce them across ranks in fp32 too (DeepSpeed's default is the model dtype)
         "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": e.grad_comm_dtype if e.precision == "bf16" else "fp32",
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         **e.extra,
@@ -207,10 +224,12 @@ def base_optimizer(engine) -> SkippableAdamW:
 
 
 def create_engine(cfg: RunConfig, model: MoSEGPT):
-    """DeepSpeed engine with torch AdamW and the warmup/linear-decay schedule."""
+    """DeepSpeed engine with torch AdamW (its fused kernel on CUDA: one launch per group
+    instead of a dozen per tensor) and the warmup/linear-decay schedule."""
     o = cfg.optim
+    fused = next(model.parameters()).device.type == "cuda"
     optimizer = SkippableAdamW(optimizer_groups(model, o.weight_decay), lr=o.lr,
-                                  betas=(o.beta1, o.beta2), eps=o.eps)
+                               betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_at(it, o, cfg.train.max_iters) / o.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,

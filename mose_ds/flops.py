@@ -31,8 +31,17 @@ CONVENTIONS = ("paper", "standard")
 def flop_counter():
     """torch's FlopCounterMode (no display), also counting `addmm_` (the per-expert kernel
     accumulates its range products in place, and torch's registry knows only the out-of-place
-    addmm) and `_grouped_mm` (the grouped kernel; not in torch's registry)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    addmm), `_grouped_mm` (the grouped kernel; not in torch's registry) and the CPU's flash
+    attention, forward and backward, as torch counts its CUDA kernels (the full S x S products)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+    aten = torch.ops.aten
+
+    def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def attention_backward_flops(grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                 **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
 
     def addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]
@@ -41,8 +50,10 @@ def flop_counter():
         # a [n, K] x b [E, K, N] (each row with its group's matrix), or a [U, n] x b [n, D]
         # (each group's rows reduced): 2 a0 a1 b[-1] either way
         return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops,
-                                                          torch.ops.aten._grouped_mm: grouped_mm_flops})
+    return FlopCounterMode(display=False, custom_mapping={
+        aten.addmm_: addmm_flops, aten._grouped_mm: grouped_mm_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu: attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward_flops})
 
 
 def flops_per_token(model: ModelConfig, moe: MoEConfig, units_per_token: Sequence[float],

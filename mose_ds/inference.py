@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from . import devices
 from .checkpoint import CheckpointError, checkpoint_config, newest_good, read_model_states, tags
 from .config import RunConfig
 from .data import TokenSplit, val_batch_count, val_batches
@@ -89,8 +90,10 @@ def load_model(path: str, top_k: int | None = None, device: str | torch.device =
             raise CheckpointError(f"top_k={top_k}: routing transfer needs 1 <= k' <= trained k={cfg.moe.top_k}")
         moe = dataclasses.replace(moe, top_k=top_k)
     cfg = dataclasses.replace(cfg, moe=moe)
-    engine_lib.init_distributed(cfg.train.seed)
-    model = MoSEGPT(cfg.model, cfg.moe)
+    engine_lib.init_distributed(device=device)
+    device = devices.choose(device, why="loading a model")
+    with device:
+        model = MoSEGPT(cfg.model, cfg.moe)
     for layer in model.moe_layers():
         layer.set_deepspeed_parallelism()
 
@@ -106,7 +109,7 @@ def load_model(path: str, top_k: int | None = None, device: str | torch.device =
             raise CheckpointError(f"checkpoint {folder}: {name} has shape {tuple(weights[name].shape)}, "
                                   f"the config expects {tuple(tensor.shape)}")
     model.load_state_dict(weights, strict=False)
-    model.to(device).eval()
+    model.eval()
     return LoadedModel(model, cfg, folder, int(states.get("iteration", 0)), weights_digest(model))
 
 

@@ -121,9 +121,25 @@ def local_slots(nproc: int | None) -> int:
     return torch.cuda.device_count() or 1
 
 
+def on_gpus(train_args: list[str]) -> list[str]:
+    """The training arguments of ranks started on GPU slots, with `engine.device=cuda` after
+    the config (unless engine.device is given): a node whose torch cannot use its GPUs then
+    refuses to start, naming why, instead of training on CPU ranks."""
+    if any(a.startswith("engine.device=") for a in train_args):
+        return train_args
+    i = next(i for i, a in enumerate(train_args) if a == "--config" or a.startswith("--config="))
+    at = i + 1 if "=" in train_args[i] else i + 2
+    return [*train_args[:at], "engine.device=cuda", *train_args[at:]]
+
+
 def plan(args, env: dict) -> tuple[list[tuple[str, int]], str, list[list[str]], list[str] | None]:
     """(hosts, master address, per-node commands, the one command this process runs)."""
     cwd = os.getcwd()
+    import torch
+    slurm_gpus = bool(env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE"))
+    local_gpus = args.nproc is None and torch.cuda.device_count() > 0     # one rank per visible GPU
+    if args.hostfile or (slurm_gpus if args.slurm else local_gpus):      # ranks on GPU slots
+        args.train_args = on_gpus(args.train_args)
     if args.hostfile:
         hosts = parse_hostfile(args.hostfile)
         master = args.master_addr or hosts[0][0]

@@ -27,7 +27,6 @@ except ImportError as e:   # the adapter is an optional extra
 
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from .config import RunConfig
@@ -90,7 +89,7 @@ class MoSELM(LM):
                 raise ValueError("the mose model needs checkpoint=PATH in --model_args")
             from .inference import load_model
             loaded = load_model(str(checkpoint), top_k=None if top_k is None else int(top_k),
-                                device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                                device=device or "auto")
             model, cfg, self.identity = loaded.model, loaded.cfg, loaded.identity
             codec = codec or TextCodec.for_data(str(data or cfg.data.path))
         elif codec is None or top_k is not None:

@@ -5,7 +5,8 @@ of per-round ratios, so that drift of a shared, noisy machine (other jobs, frequ
 changes) hits every variant alike and ratios taken within one run stay meaningful. Memory
 is the process's resident set on CPU (run with MALLOC_MMAP_THRESHOLD_ low enough that freed
 tensors leave the process, so the resident peak follows live tensors) and the allocator's
-peak on CUDA.
+peak on CUDA. "On CUDA" means this process has used CUDA (`torch.cuda.is_initialized`),
+not that a GPU is visible: a CPU run on a GPU host measures the CPU.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ from typing import Callable
 import torch
 
 
+def on_cuda() -> bool:
+    """Whether this process runs work on CUDA (its CUDA context exists)."""
+    return torch.cuda.is_initialized()
+
+
 def sync() -> None:
-    if torch.cuda.is_available():
+    if on_cuda():
         torch.cuda.synchronize()
 
 
@@ -65,7 +71,7 @@ def resident() -> int:
 def reset_peak() -> bool:
     """Start a new peak-memory window; False where the kernel cannot reset the resident
     peak (then `peak` is the peak since the process started)."""
-    if torch.cuda.is_available():
+    if on_cuda():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -78,14 +84,14 @@ def reset_peak() -> bool:
 
 def current() -> int:
     """Bytes in use now: allocated device memory on CUDA, else resident memory."""
-    if torch.cuda.is_available():
+    if on_cuda():
         return torch.cuda.memory_allocated()
     return resident()
 
 
 def peak() -> int:
     """Largest bytes in use since `reset_peak`, in the units of `current`."""
-    if torch.cuda.is_available():
+    if on_cuda():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     with open("/proc/self/status") as f:

@@ -23,7 +23,8 @@ Activations count, term by term, the tensors autograd keeps for backward in our 
 (mose_ds/model.py, moe_layer.py, experts.py, deepseek.py; tests/test_memory.py checks the
 count against torch's saved-tensor hooks), times the two width branches that live at once
 (`mose.two_pass: joint`), plus the largest backward working set (the loss gradient over the
-vocabulary, or one block's attention-score gradients).
+vocabulary and one chunk of the loss's fp32 softmax, loss.py). Attention keeps nothing of
+size S per token (a fused kernel on CPU and GPU alike), so a CPU run checks the GPU plan.
 
 Shape legend (per token unless said): D model dim, N heads, S sequence, F dense FFN hidden,
 H expert hidden, m = ceil(w * H) executed expert units, K top-k, E experts, V vocabulary,
@@ -36,6 +37,7 @@ import math
 from dataclasses import dataclass
 
 from .gating import expert_capacity
+from .loss import CHUNK_BYTES as LOSS_CHUNK_BYTES
 
 GiB = 2 ** 30
 FP32 = 4
@@ -162,23 +164,21 @@ def _norm(s: ActivationShape, a: int) -> float:
     return a * (D + 2) if s.family == "gpt2" else FP32 * (2 * D + 1)
 
 
-def _attention(s: ActivationShape, seq: int, a: int, fused: bool) -> float:
-    """Self-attention without its norm. GPT-2 (megatron's local DotProductAttention, never
-    fused): qkv input D, qkv output 3D, fp32 softmax probabilities N*S (and their bf16 copy
-    under bf16), output-projection input D. DeepSeek-V2 multi-latent attention: the two
-    projection inputs, the fp32 latent norm(s) and the kv expansion input R, then
-    scaled_dot_product_attention: unfused (the CPU path) it keeps fp32 q, k (N*(Q+P) each),
-    v (N*V) and probabilities (N*S); fused (GPUs) q, k, v, its output and the fp32 log-sum-exp.
-    Last, the output-projection input N*V."""
+def _attention(s: ActivationShape, a: int) -> float:
+    """Self-attention without its norm, on the fused kernel (attention.py), which keeps q, k,
+    v, its output and one fp32 log-sum-exp per head, nothing of size S. GPT-2: qkv input D,
+    qkv output 3D (q, k, v are views of it), the attention output D (the output projection's
+    input is a view of it), the log-sum-exp. DeepSeek-V2 multi-latent attention: the two projection inputs,
+    the fp32 latent norm(s) and the kv expansion input R, then q, k and v padded to the q/k
+    head dim (N*(Q+P) each) and the padded output, and the output-projection input N*V."""
     D, N = s.hidden, s.heads
     if s.family == "gpt2":
-        return a * 5 * D + (FP32 + (a if a != FP32 else 0)) * N * seq
+        return a * 5 * D + FP32 * N
     m = s.mla
     R, P, Q, Vh, Rq = m["kv_lora_rank"], m["qk_rope_head_dim"], m["qk_nope_head_dim"], m["v_head_dim"], m["q_lora_rank"]
     q_path = FP32 * (2 * Rq + 1) + a * Rq if Rq else 0
     latent = FP32 * (2 * R + 1) + (FP32 * P if a == FP32 else 0) + a * R
-    qkv = 2 * N * (Q + P) + N * Vh
-    sdpa = a * (qkv + N * Vh) + FP32 * N if fused else FP32 * (qkv + N * seq)
+    sdpa = a * 4 * N * (Q + P) + FP32 * N
     return a * 2 * D + q_path + latent + sdpa + a * N * Vh
 
 
@@ -235,15 +235,14 @@ def _dense(s: ActivationShape, a: int) -> float:
     return a * (s.hidden + (5 * F if s.swiglu else 2 * F))
 
 
-def block_bytes(s: ActivationShape, moe: bool, tokens: int, seq: int, width: float, a: int,
-                fused: bool) -> float:
+def block_bytes(s: ActivationShape, moe: bool, tokens: int, width: float, a: int) -> float:
     """Bytes per token one block keeps for backward (one forward, expert width `width`)."""
     mlp = _moe(s, tokens, width, a) if moe else _dense(s, a)
-    return 2 * _norm(s, a) + _attention(s, seq, a, fused) + mlp
+    return 2 * _norm(s, a) + _attention(s, a) + mlp
 
 
 def activations(s: ActivationShape, micro_batch: int, seq: int, precision: str, widths: tuple[float, ...],
-                recompute: bool, fused_attention: bool = False) -> dict[str, float]:
+                recompute: bool) -> dict[str, float]:
     """Bytes per GPU of activations for one micro-batch.
 
     `widths`: the expert widths whose forwards are alive together (the full-width and the
@@ -254,17 +253,17 @@ def activations(s: ActivationShape, micro_batch: int, seq: int, precision: str, 
     a = _bytes(precision)
     T, D, V = micro_batch * seq, s.hidden, s.vocab
     dense_layers = s.num_layers - s.moe_layers
-    head = _norm(s, a) + a * D + FP32 * V + 8          # final norm, head input, log-softmax; token ids
+    # final norm, head input, the logits (which the loss keeps) and their fp32 log-sum-exp; token ids
+    head = _norm(s, a) + a * D + a * V + FP32 + 8
     saved = 0.0
     for w in widths:
-        blocks = [block_bytes(s, True, T, seq, w, a, fused_attention)] * s.moe_layers + \
-                 [block_bytes(s, False, T, seq, w, a, fused_attention)] * dense_layers
+        blocks = [block_bytes(s, True, T, w, a)] * s.moe_layers + [block_bytes(s, False, T, w, a)] * dense_layers
         saved += T * (head + (s.num_layers * a * D if recompute else sum(blocks)))
     if recompute:   # one block re-run in backward, at the widest width
-        saved += T * max(block_bytes(s, moe, T, seq, max(widths), a, fused_attention)
+        saved += T * max(block_bytes(s, moe, T, max(widths), a)
                          for moe in (True, False) if (s.moe_layers if moe else dense_layers))
-    scores = 0 if (s.family != "gpt2" and fused_attention) else (FP32 + a) * s.heads * seq
-    transient = T * max(2 * FP32 * V, scores)   # loss gradient over V, or one block's score gradients
+    # the logits' gradient, and the loss's fp32 softmax of one chunk of rows (loss.py)
+    transient = T * a * V + min(T * FP32 * V, LOSS_CHUNK_BYTES)
     return {"saved": saved, "transient": transient, "total": saved + transient}
 
 
@@ -280,12 +279,11 @@ def peak(states: dict[str, float], act: float, buffers: float) -> dict[str, floa
 
 
 def plan(cfg, counts: ParamCounts, cluster: Cluster, grad_accum_dtype: str = "fp32",
-         reserve: float = 0.1, fused_attention: bool = True) -> dict:
+         reserve: float = 0.1) -> dict:
     """Bytes per GPU of a run config (RunConfig) on a cluster, by part, and whether it fits.
 
     `reserve`: the fraction of GPU memory kept for what is not planned (CUDA context, NCCL
-    buffers, allocator fragmentation). `fused_attention`: scaled_dot_product_attention runs
-    a fused kernel (GPUs) rather than the unfused math (CPU)."""
+    buffers, allocator fragmentation)."""
     world, ep = cluster.world, cfg.moe.expert_parallel_size
     if world % ep:
         raise ValueError(f"expert_parallel_size={ep} does not divide {world} GPUs")
@@ -293,7 +291,7 @@ def plan(cfg, counts: ParamCounts, cluster: Cluster, grad_accum_dtype: str = "fp
     states = model_states(counts, world, ep, e.zero_stage, e.precision, grad_accum_dtype)
     widths = (1.0, cfg.mose.width_max) if cfg.mose.enabled and cfg.mose.two_pass == "joint" else (1.0,)
     act = activations(activation_shape(cfg.model, cfg.moe), cfg.train.micro_batch_size, cfg.model.seq_len,
-                      e.precision, widths, cfg.train.activation_checkpointing, fused_attention)
+                      e.precision, widths, cfg.train.activation_checkpointing)
     buffers = reduce_buffers(counts, ep, e.zero_stage, e.precision, e.reduce_bucket_size, e.overlap_comm)
     stacks = grouped_stack_bytes(counts, ep, e.zero_stage, e.precision, cfg.moe.expert_kernel,
                                  cfg.model.num_moe_layers)

@@ -24,13 +24,16 @@ import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import FusedCausalAttention
 from .config import ModelConfig, MoEConfig
 from .deepseek import MultiLatentAttention
 from .gating import RouterSpec
+from .loss import chunked_cross_entropy
 from .moe_layer import RoutingInfo, SlimmableMoE
 from .widths import FULL_WIDTH, WidthPolicy
 
@@ -50,7 +53,9 @@ def global_expert_name(name: str, expert_rank: int, local_experts: int) -> str:
 
 
 def transformer_config(model: ModelConfig, bf16: bool = False) -> TransformerConfig:
-    """megatron's TransformerConfig for our blocks; every fusion off so CPU and GPU agree."""
+    """megatron's TransformerConfig for our blocks; every fusion off so CPU and GPU agree.
+    `use_cpu_initialization` makes megatron's layers allocate on torch's default device rather
+    than `torch.cuda.current_device()`: the device `engine.build_model` builds under."""
     swiglu = model.activation == "swiglu"
     return TransformerConfig(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
@@ -97,14 +102,19 @@ def router_spec(model: ModelConfig) -> RouterSpec:
 
 
 def layer_spec(model: ModelConfig, moe: MoEConfig, index: int) -> ModuleSpec:
-    """The local spec, with our MoE in the `mlp` slot of MoE blocks; DeepSeek-V2 blocks
-    also take RMSNorm and our multi-latent attention in the `self_attention` slot."""
-    deepseek = model.family == "deepseek_v2"
-    local = get_gpt_layer_local_spec(normalization="RMSNorm" if deepseek else None)
-    submodules = local.submodules
-    if deepseek:
+    """The local spec with three slots named by us: torch's LayerNorm / RMSNorm for both
+    norms (megatron's local spec takes apex's fused LayerNorm whenever apex is importable,
+    which changes numerics, or raises without its CUDA extension), fused causal attention
+    in `core_attention` (DeepSeek-V2: our multi-latent attention as the whole
+    `self_attention`), and our MoE in the `mlp` slot of MoE blocks."""
+    local = get_gpt_layer_local_spec().submodules
+    if model.family == "deepseek_v2":
         attention = ModuleSpec(module=MultiLatentAttention, params=dict(hf=model.hf))
-        submodules = dataclasses.replace(submodules, self_attention=attention)
+    else:
+        attention = dataclasses.replace(local.self_attention, submodules=dataclasses.replace(
+            local.self_attention.submodules, core_attention=FusedCausalAttention))
+    submodules = dataclasses.replace(local, input_layernorm=WrappedTorchNorm, pre_mlp_layernorm=WrappedTorchNorm,
+                                     self_attention=attention)
     if model.is_moe_layer(index):
         moe_index = sum(model.is_moe_layer(i) for i in range(index))
         mlp = ModuleSpec(module=SlimmableMoE, params=dict(
@@ -133,9 +143,6 @@ class MoSEGPT(nn.Module):
         self.final_norm = nn.LayerNorm(D, eps=model.layernorm_eps) if model.family == "gpt2" \
             else nn.RMSNorm(D, eps=model.layernorm_eps)
         self.lm_head = None if model.tie_embeddings else nn.Linear(D, model.vocab_size, bias=False)
-        # megatron convention: True = masked out.
-        causal = torch.triu(torch.ones(model.seq_len, model.seq_len, dtype=torch.bool), diagonal=1)
-        self.register_buffer("causal_mask", causal[None, None], persistent=False)
 
     def moe_layers(self) -> list[SlimmableMoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SlimmableMoE)]
@@ -149,7 +156,7 @@ class MoSEGPT(nn.Module):
         if self.wpe is not None:
             h_BSD = h_BSD + self.wpe(torch.arange(S, device=tokens_BS.device))
         h_SBD = h_BSD.transpose(0, 1).contiguous()
-        mask = self.causal_mask[..., :S, :S]
+        mask = None                 # attention is causal by construction (attention.py)
         routing = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
@@ -178,7 +185,8 @@ class MoSEGPT(nn.Module):
 
         Experts are named by their global index (`expert_rank * local + local index`), so
         every expert starts different, and a model built with any expert-parallel layout
-        starts from exactly the same weights.
+        starts from exactly the same weights. Values are sampled on the CPU, one tensor at a
+        time, and copied to the parameter's device: the same on any device.
         """
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
@@ -187,15 +195,15 @@ class MoSEGPT(nn.Module):
             if match:
                 param.fill_(1.0 if match.group(2) == "weight" else 0.0)
                 continue
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-            sample = torch.empty(param.shape, dtype=torch.float32)
+            gen = torch.Generator(device="cpu").manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            sample = torch.empty(param.shape, dtype=torch.float32, device="cpu")
             sample.normal_(0.0, out_std if _OUTPUT_PROJECTIONS.search(name) else std, generator=gen)
             param.copy_(sample)
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32."""
-    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+    """Mean next-token cross-entropy, computed in fp32 a chunk of rows at a time (loss.py)."""
+    return chunked_cross_entropy(logits_BSV.flatten(0, 1), targets_BS.flatten())
 
 
 def count_parameters(model: MoSEGPT) -> dict:

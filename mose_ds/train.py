@@ -21,10 +21,10 @@ import warnings
 import torch
 from deepspeed import comm as dist
 
-from . import checkpoint, engine as engine_lib, universal
+from . import checkpoint, devices, engine as engine_lib, universal
 from .checkpoint import CheckpointError, TrainState
 from .config import ConfigError, RunConfig, load_config, save_config
-from .data import TokenSplit, micro_batch, val_batch_count, val_batches
+from .data import TokenSplit, device_batches, val_batch_count, val_batches
 from .model import lm_loss
 from .monitor import Monitor, routing_scalars
 from .widths import FULL_WIDTH, UniformPolicy, sample_width
@@ -142,7 +142,10 @@ def _fmt_time(seconds: float) -> str:
 
 def train(cfg: RunConfig, quiet: bool = False) -> dict:
     """Run (or resume) training to `train.max_iters`; returns losses and the last validation."""
-    engine_lib.init_distributed(cfg.train.seed, cfg.engine.comm_timeout_s)
+    wanted = devices.training_device(cfg.engine.device, cfg.engine.precision)
+    device = engine_lib.init_distributed(cfg.engine.comm_timeout_s, wanted)
+    if device.type != wanted.type:
+        raise devices.DeviceError(f"engine.device: this process already runs on {device.type}, not {wanted.type}")
     rank, world = dist.get_rank(), dist.get_world_size()
     say = (lambda *a: None) if quiet or rank else (lambda *a: print(*a, flush=True))
     warn = (lambda *a: None) if rank else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -173,15 +176,18 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     if resume:
         say(f"resumed from {resume} at iteration {state.iteration}"
             + (" (checkpoint.init_from is not read when resuming)" if cfg.checkpoint.init_from else ""))
+    info = run_environment(engine, cfg)
+    say(devices.banner(info))
     if rank == 0:
         save_config(cfg, os.path.join(cfg.logging.out_dir, "config.yaml"))
+        devices.record(info, cfg.logging.out_dir)
     monitor = Monitor(cfg.logging.out_dir, cfg.logging.tensorboard and rank == 0, cfg.mose.eval_widths)
 
     t, mb, ga = cfg.train, cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     global_batch = mb * ga * world
     tokens_per_iter = global_batch * cfg.model.seq_len
     grid = cfg.mose.grid
-    history, val = [], {}
+    history, val, rate = [], {}, None
     say(f"training {cfg.model.name}: {t.max_iters} iterations of {global_batch} x {cfg.model.seq_len} tokens "
         f"on {world} rank(s), mode={'MoSE two-pass' if cfg.mose.enabled else 'MoE full width'}, "
         f"ZeRO-{cfg.engine.zero_stage}, {cfg.engine.precision}, EP={cfg.moe.expert_parallel_size}")
@@ -195,14 +201,14 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     end = min(t.max_iters, t.stop_at) if t.stop_at else t.max_iters
     skipped_in_a_row = skipped_total = 0
     check, unread = FiniteCheck(engine.device), []     # losses stay on the device until logged
+    batches = device_batches(train_split, t.seed, state.data_position, rank, world, mb, ga, engine.device)
     while state.iteration < end:
         width = sample_width(grid, state.iteration, t.seed) if cfg.mose.enabled else None
         lr = engine.get_lr()[0]
         sums = {"loss_full": 0.0, "loss_width": 0.0}
-        for micro in range(ga):
-            x, y = micro_batch(train_split, t.seed, state.data_position, micro, rank, world, mb)
-            result, skipping = train_micro_batch(engine, cfg, x.to(engine.device, non_blocking=True),
-                                                 y.to(engine.device, non_blocking=True), width, check)
+        for _ in range(ga):
+            x, y = next(batches)
+            result, skipping = train_micro_batch(engine, cfg, x, y, width, check)
             for name, (loss, _) in result.items():
                 sums[f"loss_{name}"] = sums[f"loss_{name}"] + loss / ga
         state.iteration += 1
@@ -257,10 +263,27 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     if not val and state.iteration == t.max_iters:   # resumed a finished run: report where it stands
         val = evaluate(engine, cfg, val_split)
     monitor.close()
-    summary = {"history": history, "val": val, "val_start": val_start, "state": state, "engine": engine}
+    summary = {"history": history, "val": val, "val_start": val_start, "state": state, "engine": engine,
+               "tokens_per_s": rate}    # over the last logging interval
     if rank == 0 and not quiet:
         print_summary(cfg, val, monitor.path, val_start)
     return summary
+
+
+def run_environment(engine, cfg: RunConfig) -> dict:
+    """The environment banner of a run: versions, device, and the kernels this model takes."""
+    from .attention import backend_name
+    device, m = engine.device, cfg.model
+    dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+    head_dim = m.hf["qk_nope_head_dim"] + m.hf["qk_rope_head_dim"] if m.family == "deepseek_v2" \
+        else m.hidden_size // m.num_heads
+    chosen = {"attention": backend_name(device, dtype, m.num_heads, head_dim, m.seq_len)}
+    layers = engine.module.moe_layers()
+    if layers:
+        probe = torch.empty(0, m.hidden_size, device=device, dtype=dtype)
+        chosen["expert_kernel"] = type(layers[0].expert_kernel(probe, relaxed=False)).__name__
+    return devices.environment(device, **chosen, precision=cfg.engine.precision,
+                               grad_comm_dtype=cfg.engine.grad_comm_dtype, world=str(dist.get_world_size()))
 
 
 def resume_universal(engine, cfg: RunConfig, folder: str, say, warn) -> TrainState:
@@ -340,7 +363,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, devices.DeviceError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -145,10 +145,13 @@ def load(engine, folder: str, expert_rank: int) -> tuple[TrainState, bool]:
     if info["optimizer_state"]:
         # torch AdamW creates its state at the first step: create it now (one entry per
         # parameter, or per flat fp32 partition under ZeRO) and let DeepSpeed link its fragments.
-        step = torch.tensor(float(info["step"]))
+        # The step counter lives where torch AdamW keeps it: on the parameter's device for
+        # the fused (CUDA) and capturable kernels, on the CPU otherwise.
         for group in opt.param_groups:
             for p in group["params"]:
-                opt.state[p] = {"step": step.clone(), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                where = p.device if group.get("fused") or group.get("capturable") else "cpu"
+                opt.state[p] = {"step": torch.tensor(float(info["step"]), device=where),
+                                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
             engine.optimizer._hp_optimizer_states_linked = False
             engine.optimizer._lazy_init_hp_params_optimizer_state()

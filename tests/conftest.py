@@ -4,6 +4,7 @@ small prepared corpus made from the shipped text."""
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 
@@ -11,6 +12,16 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# The suite runs its models and ranks on the CPU, on any host, unless asked otherwise
+# (MOSE_DS_DEVICE=cuda). MOSE_DS_FAKE_CUDA=1 makes torch report CUDA devices in this process
+# and every child (tests/fake_cuda), so the suite exercises the GPU-host branch of each
+# device choice on a CPU-only machine.
+os.environ.setdefault("MOSE_DS_DEVICE", "cpu")
+if os.environ.get("MOSE_DS_FAKE_CUDA") == "1":
+    FAKE_CUDA = os.path.join(ROOT, "tests", "fake_cuda")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (FAKE_CUDA, os.environ.get("PYTHONPATH")) if p)
+    runpy.run_path(os.path.join(FAKE_CUDA, "sitecustomize.py"))   # this process, like its children
 
 from mose_ds.config import from_dict  # noqa: E402
 from mose_ds.engine import free_port  # noqa: E402,F401  (re-exported to the tests)
@@ -25,7 +36,7 @@ TINY = {
     "optim": {"warmup_iters": 2},
     "train": {"micro_batch_size": 4, "grad_accum_steps": 1, "max_iters": 5, "eval_interval": 1000,
               "eval_batches": 2, "log_interval": 1000},
-    "engine": {"zero_stage": 0, "precision": "fp32"},
+    "engine": {"zero_stage": 0, "precision": "fp32", "device": "cpu"},
     "logging": {"tensorboard": False},
 }
 
@@ -51,6 +62,19 @@ def run_ranks(nproc: int, script: str, *args) -> None:
            f"--master_port={free_port()}", os.path.join(ROOT, "tests", script), *map(str, args)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=clean_env())
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def read_universal(folder) -> dict:
+    """Every tensor of a universal checkpoint folder (tools/convert_checkpoint.py), by
+    "kind/name": fp32 weights and, when carried, both Adam moments."""
+    from mose_ds.shards import read_header, read_tensor
+    out = {}
+    for kind in ("weights", "exp_avg", "exp_avg_sq"):
+        path = os.path.join(folder, f"{kind}.safetensors")
+        if os.path.exists(path):
+            for name, entry in read_header(path).items():
+                out[f"{kind}/{name}"] = read_tensor(entry)
+    return out
 
 
 def tiny_raw(**sections) -> dict:

@@ -1,42 +1,46 @@
-"""Each CPU workaround, tested on its own (they apply only when CUDA is absent)."""
+"""CPU ranks and CPU models on any host: the CPU ranks' DeepSpeed workarounds, and training,
+evaluation and calibration on the CPU of a host whose torch reports GPUs (tests/fake_cuda)."""
 
 import importlib
+import os
+import subprocess
+import sys
 
-import pytest
-import torch
+import yaml
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU patches are not applied on GPU")
-
-
-def test_global_memory_buffer_allocates_on_cpu(world):
-    from megatron.core import parallel_state
-    buf = parallel_state.get_global_memory_buffer().get_tensor((3, 4), torch.float32, "test")
-    assert buf.device.type == "cpu" and buf.shape == (3, 4)
-    again = parallel_state.get_global_memory_buffer().get_tensor((2, 2), torch.float32, "test")
-    assert again.data_ptr() == buf.data_ptr()       # reused, as megatron intends
+from conftest import ROOT, clean_env, tiny_raw
 
 
-def test_rng_tracker_forks_the_cpu_generator_and_restores_it(world):
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-    torch.manual_seed(0)
-    outside_before = torch.get_rng_state()
-    with get_cuda_rng_tracker().fork():
-        first = torch.rand(3)
-    assert torch.equal(torch.get_rng_state(), outside_before)
-    with get_cuda_rng_tracker().fork():
-        second = torch.rand(3)
-    assert not torch.equal(first, second)           # the tracked stream advanced
-
-
-def test_shared_memory_comm_op_is_not_built(world):
+def test_cpu_rank_takes_deepspeed_cpu_accelerator_and_skips_the_shm_build(world):
+    from deepspeed.accelerator import get_accelerator
+    assert get_accelerator().device_name() == "cpu"
     assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
 
 
-def test_megatron_attention_runs_on_cpu(world):
-    from mose_ds.model import MoSEGPT
-    from conftest import tiny_config
-    cfg = tiny_config()
-    model = MoSEGPT(cfg.model, cfg.moe)
-    model.init_weights(0)
-    logits, _ = model(torch.randint(0, 4096, (2, 8)))
-    assert logits.shape == (2, 8, 4096) and torch.isfinite(logits).all()
+def fake_gpu_host(*argv, timeout=600) -> subprocess.CompletedProcess:
+    """Run `python argv` where torch reports two CUDA devices and no device is preset."""
+    env = clean_env()
+    env.pop("MOSE_DS_DEVICE", None)
+    env.update(MOSE_DS_FAKE_CUDA="1",
+               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests", "fake_cuda"), ROOT]))
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
+
+
+def test_train_evaluate_and_calibrate_on_the_cpu_of_a_gpu_host(tmp_path, corpus):
+    probe = fake_gpu_host("-c", "import torch; from deepspeed.accelerator import get_accelerator; "
+                                "print(torch.cuda.is_available(), get_accelerator().device_name())")
+    assert probe.stdout.split() == ["True", "cuda"], probe.stderr[-2000:]     # it looks like a GPU host
+    out = tmp_path / "run"
+    recipe = tmp_path / "cpu.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_raw(data={"path": corpus}, logging={"out_dir": str(out)},
+                                              engine={"zero_stage": 1, "device": "cpu"},
+                                              train={"max_iters": 2})))
+    steps = [("-m", "mose_ds.train", "--config", str(recipe)),
+             ("tools/evaluate.py", "ppl", "--device", "cpu", "--ckpt", str(out), "--batches", "2"),
+             ("tools/calibrate_gamma.py", "--device", "cpu", "--ckpt", str(out), "--budgets", "1.5",
+              "--batches", "2", "--batch-size", "2", "--out", str(tmp_path / "gamma.yaml"))]
+    for argv in steps:
+        result = fake_gpu_host(*argv)
+        assert result.returncode == 0, (argv, result.stderr[-3000:])
+    assert '"device": "cpu"' in (out / "environment.json").read_text()

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, clean_env, free_port, tiny_config, tiny_raw
+from conftest import ROOT, clean_env, free_port, read_universal, tiny_config, tiny_raw
 
 from mose_ds import checkpoint, launch
 
@@ -73,7 +73,7 @@ def test_dry_run_for_a_four_node_hostfile(tmp_path, capsys):
         assert line.startswith(f"[node {i}: node-{host}, 8 rank(s)] export NCCL_IB_HCA=mlx5; cd ")
         assert (f"-m deepspeed.launcher.launch --world_info={info} --node_rank={i} --master_addr=node-a "
                 f"--master_port=6000 --no_local_rank --module mose_ds.guard mose_ds.train "
-                f"--config r.yaml train.max_iters=5") in line
+                f"--config r.yaml engine.device=cuda train.max_iters=5") in line
         assert "HOME" not in line
     assert lines[-1].startswith(f"[started by] deepspeed --hostfile={hostfile} --master_addr=node-a")
 
@@ -325,15 +325,6 @@ def test_activation_checkpointing_leaves_gradients_unchanged(world, two_pass):
 
 
 # --------------------------------------------------------------------------- another cluster shape
-
-def read_universal(folder) -> dict:
-    from mose_ds.shards import read_header, read_tensor
-    out = {}
-    for kind in ("weights", "exp_avg", "exp_avg_sq"):
-        for name, entry in read_header(os.path.join(folder, f"{kind}.safetensors")).items():
-            out[f"{kind}/{name}"] = read_tensor(entry)
-    return out
-
 
 def test_resume_across_ep2_ep1_ep2_keeps_weights_and_adam_state(tmp_path, corpus):
     from conftest import load_tool

@@ -4,6 +4,7 @@ and the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -97,8 +98,9 @@ def test_activation_checkpointing_and_two_pass_shrink_the_plan():
     joint = activations(shape, 4, 1024, "bf16", (1.0, 1.0), False)["saved"]
     single = activations(shape, 4, 1024, "bf16", (1.0,), False)["saved"]
     recompute = activations(shape, 4, 1024, "bf16", (1.0,), True)["saved"]
+    head = activations(dataclasses.replace(shape, num_layers=0, moe_layers=0), 4, 1024, "bf16", (1.0,), False)["saved"]
     assert joint == pytest.approx(2 * single)
-    assert recompute < single / 4
+    assert recompute - head < (single - head) / 4      # the blocks' part; the head is kept either way
 
 
 def test_grouped_stacks_are_planned_only_without_zero_one_layer_at_a_time():

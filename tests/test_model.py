@@ -107,3 +107,58 @@ def test_two_pass_gradient_is_mean_of_single_pass_gradients(world):
     for name in both:
         torch.testing.assert_close(both[name], (single[0][name] + single[1][name]) / 2, msg=name)
 
+
+
+TINY_DEEPSEEK = os.path.join(ROOT, "ds_configs", "hf", "tiny_deepseek_v2", "config.json")
+
+
+def test_norms_are_torch_norms_even_where_apex_is_installed(world, monkeypatch):
+    """megatron's local spec takes apex's fused LayerNorm whenever apex imports (NGC images);
+    our blocks name torch's LayerNorm / RMSNorm whatever is installed."""
+    import megatron.core.models.backends as backends
+    from mose_ds.config import from_dict
+    from mose_ds.model import MoSEGPT
+
+    class ApexNorm(torch.nn.Module):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("apex's fused norm was built")
+
+    monkeypatch.setattr(backends, "LNImpl", ApexNorm)
+    for cfg, norm in ((tiny_config(), torch.nn.LayerNorm),
+                      (from_dict({"model": {"hf_config": TINY_DEEPSEEK, "seq_len": 32}}), torch.nn.RMSNorm)):
+        model = MoSEGPT(cfg.model, cfg.moe)
+        norms = [m for name, m in model.named_modules() if name.endswith(("input_layernorm", "pre_mlp_layernorm"))]
+        assert len(norms) == 2 * cfg.model.num_layers and all(type(m) is norm for m in norms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_loss_is_fp32_cross_entropy_without_an_fp32_copy_of_the_logits(monkeypatch, dtype):
+    import torch.nn.functional as F
+    from mose_ds import loss
+    B, S, V = 3, 10, 50
+    monkeypatch.setattr(loss, "CHUNK_BYTES", 4 * V * 7)           # chunks of 7 rows: 5 chunks
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(B, S, V, generator=gen)).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (B, S), generator=gen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = lm_loss(logits, targets)
+    (grad,) = torch.autograd.grad(2 * ours, logits)
+    reference = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    (ref_grad,) = torch.autograd.grad(2 * reference, logits)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-7)
+    large = [t for t in saved if t.numel() >= B * S * V]
+    assert [t.untyped_storage().data_ptr() for t in large] == [logits.untyped_storage().data_ptr()]
+
+
+def test_parameters_are_created_on_the_device_the_model_is_built_on(world):
+    """engine.build_model builds under the training device: no host copy of the model first."""
+    from mose_ds.config import from_dict
+    from mose_ds.model import MoSEGPT
+    for cfg in (tiny_config(), from_dict({"model": {"hf_config": TINY_DEEPSEEK, "seq_len": 32}})):
+        with torch.device("meta"):
+            model = MoSEGPT(cfg.model, cfg.moe)
+        assert {p.device.type for p in model.parameters()} == {"meta"}

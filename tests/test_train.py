@@ -159,3 +159,14 @@ def test_cli_bad_inputs_give_one_line_errors_and_touch_nothing(tmp_path, corpus)
     snapshot[model_states] = os.path.getmtime(model_states)
     assert_one_line_error(cli(tmp_path, raw, "train.max_iters=2"), "no complete checkpoint", "failed verification")
     assert {p: os.path.getmtime(p) for p in out.rglob("*")} == snapshot
+
+
+def test_bf16_gradients_cross_ranks_in_fp32_unless_asked(world):
+    """DeepSpeed's own default reduces bf16 runs' gradients in bf16, though they accumulate in fp32."""
+    from mose_ds.engine import build_model, create_engine, deepspeed_config
+    cfg = tiny_config(engine={"precision": "bf16", "zero_stage": 1})
+    engine = create_engine(cfg, build_model(cfg))
+    assert engine.communication_data_type == torch.float32
+    chosen = tiny_config(engine={"precision": "bf16", "zero_stage": 2, "grad_comm_dtype": "bf16"})
+    assert deepspeed_config(chosen)["communication_data_type"] == "bf16"
+    assert deepspeed_config(chosen)["zero_optimization"]["overlap_comm"] is True

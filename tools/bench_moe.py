@@ -360,7 +360,7 @@ def counted(fn, *device_tensors):
     counter.device(*device_tensors)
     with counter:
         fn()
-    if not torch.cuda.is_available():
+    if not measure.on_cuda():
         return counter, None
     with cuda_sync_warnings() as seen:
         fn()
@@ -478,7 +478,7 @@ def exchange_benchmark(args) -> dict:
     """Bytes each all-to-all of one forward + backward moves over both ranks, per kept slot,
     against the payload minimum (a kept slot's row: hidden x element size)."""
     from mose_ds.engine import child_env, free_port
-    env, on_gpus = child_env(), torch.cuda.device_count() >= 2
+    env, on_gpus = child_env(), measure.on_cuda() and torch.cuda.device_count() >= 2
     if not on_gpus:   # two ranks cannot share one GPU's NCCL group; the bytes do not depend on the device
         env["CUDA_VISIBLE_DEVICES"] = ""
     say(f"all-to-all bytes on 2 expert-parallel {'NCCL' if on_gpus else 'gloo CPU'} ranks ...")

@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--continuous", action="store_true",
                    help="deploy continuous widths instead of rounding them to the training grid")
     p.add_argument("--top-k", type=int, help="route to k' < k experts (routing transfer)")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (default: MOSE_DS_DEVICE, else cuda if torch sees a GPU)")
     p.add_argument("--out", help="gamma table path (default: <run folder>/gamma_table.yaml)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     args = p.parse_args(argv)
@@ -95,20 +96,19 @@ def main(argv=None) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         from mose_ds.train import quiet_libraries
         quiet_libraries()
-        import torch
         from tqdm import tqdm
 
         from mose_ds.calibrate import MODES, PolicySettings, WeightsChanged, calibrate, freeze
         from mose_ds.checkpoint import CheckpointError
         from mose_ds.config import ConfigError
+        from mose_ds.devices import DeviceError
         from mose_ds.inference import load_model, weights_digest
         from mose_ds.policies import PolicyError, check_budgets, default_budgets
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.time()
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            loaded = load_model(args.ckpt, top_k=args.top_k, device=device)
-    except (CheckpointError, ConfigError) as e:
+            loaded = load_model(args.ckpt, top_k=args.top_k, device=args.device)
+    except (CheckpointError, ConfigError, DeviceError) as e:
         return fail(str(e))
     cfg, model = loaded.cfg, loaded.model
     k = cfg.moe.top_k
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     results = {mode: [] for mode in modes}
     jobs = [(mode, b) for mode in modes for b in budgets]
     print(f"calibrating {cfg.model.name} ({loaded.folder}) on {len(batches)} x {args.batch_size} x "
-          f"{cfg.model.seq_len} tokens: {len(jobs)} runs, lr {args.lr}, {device}", file=sys.stderr)
+          f"{cfg.model.seq_len} tokens: {len(jobs)} runs, lr {args.lr}, {next(model.parameters()).device}", file=sys.stderr)
     for i, (mode, budget) in enumerate(jobs):
         bar = tqdm(total=len(batches), desc=f"[{i + 1}/{len(jobs)}] {mode} Gamma={budget:g}",
                    file=sys.stderr, leave=False, dynamic_ncols=True)

@@ -45,7 +45,8 @@ class Failure(Exception):
 def add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--ckpt", required=True, help="a run folder, checkpoint folder, or tag folder")
     p.add_argument("--top-k", type=int, help="route to k' < k experts (routing transfer)")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (default: MOSE_DS_DEVICE, else cuda if torch sees a GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     if data:
         p.add_argument("--data", help="prepared data folder (default: the checkpoint's data.path)")
@@ -101,14 +102,13 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------------------------
 
 def load(args):
-    import torch
     from mose_ds.checkpoint import CheckpointError
     from mose_ds.config import ConfigError
+    from mose_ds.devices import DeviceError
     from mose_ds.inference import load_model
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return load_model(args.ckpt, top_k=args.top_k, device=device)
-    except (CheckpointError, ConfigError) as e:
+        return load_model(args.ckpt, top_k=args.top_k, device=args.device)
+    except (CheckpointError, ConfigError, DeviceError) as e:
         raise Failure(str(e)) from None
 
 

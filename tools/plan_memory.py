@@ -18,8 +18,8 @@ non-expert parameters next to ours in DeepSpeed's setting (16-bit gradients).
 `--measure` checks the plan against reality: short training runs of small models on CPU
 ranks (gloo) under the DeepSpeed engine, each rank's peak resident memory minus its
 resident memory before the model was built, less the same for a near-empty model (the fixed
-cost of the engine and process group), next to the plan for the same run (unfused attention,
-as on CPU). The ranks run with `MALLOC_MMAP_THRESHOLD_=65536`, so freed tensors go back to
+cost of the engine and process group), next to the plan for the same run (attention is the
+same fused kernel on CPU and GPU). The ranks run with `MALLOC_MMAP_THRESHOLD_=65536`, so freed tensors go back to
 the system and the resident peak follows the live tensors (as a GPU allocator's peak does).
 """
 
@@ -243,14 +243,13 @@ def measured_rise(raw: dict, ranks: int) -> float:
 
 
 def measure_case(name: str, ranks: int, overrides: list[str]) -> dict:
-    """Plan (unfused attention, as on CPU) and measurement of one case, both net of the
-    near-empty model's."""
+    """Plan and measurement of one case, both net of the near-empty model's."""
     raw = case_raw(name, overrides)
     results = {}
     for label, r in (("case", raw), ("null", null_raw(raw))):
         cfg = from_dict(r)
         counts = param_counts(cfg)
-        planned = plan(cfg, counts, Cluster(1, ranks, 1024.0), grad_accum_dtype(cfg), fused_attention=False)
+        planned = plan(cfg, counts, Cluster(1, ranks, 1024.0), grad_accum_dtype(cfg))
         results[label] = (planned["peak"], measured_rise(r, ranks))
     planned = results["case"][0] - results["null"][0]
     measured = results["case"][1] - results["null"][1]

@@ -10,4 +10,5 @@ export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"          # IB retry timeout (4.0
 export NCCL_IB_RETRY_CNT="${NCCL_IB_RETRY_CNT:-7}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"                  # INFO to see the chosen transports at start-up
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  # a dead peer aborts, no hang
-export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+# CUDA_DEVICE_MAX_CONNECTIONS is left unset on purpose: 1 is a tensor-parallel setting that
+# would serialise DeepSpeed's gradient-reduction stream behind the backward kernels (docs/config.md).
