@@ -6,16 +6,64 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, load_tool
 from mose_ds.config import ConfigError
 from mose_ds.data import TokenSplit, micro_batch, train_window_ids
 from mose_ds.tokenizer import EOT_ID, gpt2
 
 PREPARE = os.path.join(ROOT, "tools", "prepare_data.py")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}     # no test reaches the network
 
 
 def run_prepare(*args):
-    return subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True, env=clean_env())
+    return subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True,
+                          env={**clean_env(), **OFFLINE})
+
+
+@pytest.fixture
+def prepare(tmp_path, monkeypatch, capsys):
+    """tools/prepare_data.py run in this process, which has imported datasets already (a run
+    takes well under a second, not the seconds of a fresh interpreter), offline and with its
+    own datasets cache. datasets and huggingface_hub read HF_HUB_OFFLINE when imported, so
+    their flags are set as the variable would have set them. Returns (exit code, stderr)."""
+    import datasets
+    import huggingface_hub.constants
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))    # spawned tokenizing workers import it by name
+    tool = load_tool("prepare_data")
+
+    def run(*args) -> tuple[int, str]:
+        try:
+            tool.main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err
+    return run
+
+
+def write_parquet(path, texts: list[str]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=700)
+    return str(path)
+
+
+def one_line_error(stderr: str) -> str:
+    """The error a run ended with, checked to be one line and no traceback (progress bars before
+    it redraw with carriage returns, so they end no line of their own)."""
+    last = stderr.rstrip("\n").split("\n")[-1]
+    assert "Traceback" not in stderr and stderr.count("prepare_data: error") == 1, stderr
+    assert last.startswith("prepare_data: error: "), stderr
+    return last
+
+
+def shards(folder) -> tuple[bytes, bytes]:
+    return (folder / "train.bin").read_bytes(), (folder / "val.bin").read_bytes()
 
 
 def test_gpt2_tokenizer_works_offline_with_gpt2_ids():
@@ -55,6 +103,86 @@ def test_prepare_through_hf_datasets_with_local_files(tmp_path):
     result = run_prepare("--hf-dataset", "json", "--hf-data-files", str(rows), "--text-field", "text",
                          "--out", str(tmp_path / "hf2"))
     assert result.returncode == 2 and "--text-field 'text'" in result.stderr
+
+
+def test_prepare_local_parquet_files(tmp_path, prepare):
+    docs = write_parquet(tmp_path / "docs.parquet", [f"Row {i} of a parquet file." for i in range(20)])
+    code, err = prepare("--hf-dataset", "parquet", "--hf-data-files", docs, "--out", tmp_path / "out")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["documents"] == 20 and meta["source"] == "hf:parquet" and meta["tokenize_rate"]["tokens_per_s"] > 0
+    train = np.memmap(tmp_path / "out" / "train.bin", dtype=np.uint16, mode="r")
+    assert gpt2().decode(list(train[:8])).startswith("Row 0 of a parquet file.")
+
+
+def test_prepare_a_folder_written_by_save_to_disk(tmp_path, prepare):
+    """Passed as --hf-dataset FOLDER and read in place by load_from_disk (no copy into the datasets
+    cache, which the arrow builder would make); --hf-split picks the split."""
+    import datasets
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["Training text."] * 30}),
+                          "validation": datasets.Dataset.from_dict({"text": [f"Held out {i}." for i in range(6)]}),
+                          }).save_to_disk(str(saved))
+    code, err = prepare("--hf-dataset", saved, "--hf-split", "validation", "--out", tmp_path / "out")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["documents"] == 6
+    train = np.memmap(tmp_path / "out" / "train.bin", dtype=np.uint16, mode="r")
+    assert gpt2().decode(list(train[:5])).startswith("Held out 0.")
+    assert not (tmp_path / "hf-cache").exists()
+
+
+def test_a_folder_with_a_loading_script_is_a_one_line_error(tmp_path, prepare):
+    folder = tmp_path / "owt"
+    folder.mkdir()
+    (folder / "owt.py").write_text("import datasets\n")
+    code, err = prepare("--hf-dataset", folder, "--out", tmp_path / "out")
+    msg = one_line_error(err)
+    assert code == 2 and "loading script (owt.py), which datasets>=4 no longer runs" in msg and "--hf-data-files" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_split_names_the_splits_there_are(tmp_path, prepare):
+    import datasets
+    docs = write_parquet(tmp_path / "docs.parquet", ["Only a train split."] * 4)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(tmp_path / "saved"))
+    for source in (["parquet", "--hf-data-files", docs], [tmp_path / "saved"]):
+        code, err = prepare("--hf-dataset", *source, "--hf-split", "validation", "--out", tmp_path / "out")
+        msg = one_line_error(err)
+        assert code == 2 and "--hf-split validation" in msg and "['train']" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_hub_is_a_one_line_error(tmp_path, prepare):
+    """Offline, the recipe's name and a hub repo both say how to fetch the files for offline use."""
+    for name, download in (("openwebtext", "hf download Skylion007/openwebtext --repo-type dataset --revision"),
+                           ("someone/some-dataset", "hf download someone/some-dataset --repo-type dataset")):
+        code, err = prepare("--hf-dataset", name, "--out", tmp_path / "out")
+        msg = one_line_error(err)
+        assert code == 2 and "offline mode is on" in msg and download in msg and "--hf-data-files" in msg
+    assert not (tmp_path / "out").exists()
+
+
+MANY_DOCS = [f"Document {i}: " + "slimmable experts route tokens " * (i % 9) for i in range(5500)]
+
+
+def test_streaming_writes_the_same_shards(tmp_path, prepare):
+    """Streamed, in this process and on two workers: six batches of documents, more than the
+    workers hold in flight, so results come back while batches are still being sent."""
+    docs = write_parquet(tmp_path / "docs.parquet", MANY_DOCS)
+    for name, flags in {"arrow": [], "stream": ["--streaming"], "stream2": ["--streaming", "--num-proc", "2"]}.items():
+        code, err = prepare("--hf-dataset", "parquet", "--hf-data-files", docs, "--out", tmp_path / name, *flags)
+        assert code == 0, err
+    assert shards(tmp_path / "stream") == shards(tmp_path / "arrow") == shards(tmp_path / "stream2")
+
+
+def test_num_proc_2_writes_the_same_shards_as_1(tmp_path, prepare):
+    docs = write_parquet(tmp_path / "docs.parquet", MANY_DOCS)
+    for n in (1, 2):
+        code, err = prepare("--hf-dataset", "parquet", "--hf-data-files", docs, "--out", tmp_path / f"p{n}",
+                            "--num-proc", n)
+        assert code == 0, err
+    assert shards(tmp_path / "p1") == shards(tmp_path / "p2")
+    assert not (tmp_path / "p2" / "tokenized.tmp").exists()
 
 
 def test_compact_vocab_maps_back_to_gpt2_ids(corpus):
@@ -173,3 +301,18 @@ def test_missing_data_path_names_it(tmp_path):
 def test_vocab_larger_than_model_is_refused(corpus):
     with pytest.raises(ConfigError, match=r"exceeds model\.vocab_size=100"):
         TokenSplit(corpus, "train", 32, 100)
+
+
+def test_device_batches_read_ahead_in_the_training_order(corpus):
+    """The prefetching iterator yields exactly the micro-batches of the plain order, iteration
+    by iteration (this rank's share of each global batch), from any starting position."""
+    import torch
+    from mose_ds.data import device_batches
+    split = TokenSplit(corpus, "train", 16, 4096)
+    rank, world, mb, ga, position = 1, 2, 3, 2, 12
+    batches = device_batches(split, 7, position, rank, world, mb, ga, torch.device("cpu"))
+    for iteration in range(3):
+        for micro in range(ga):
+            want = micro_batch(split, 7, position + iteration * mb * ga * world, micro, rank, world, mb)
+            got = next(batches)
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), (iteration, micro)
