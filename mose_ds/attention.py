@@ -32,6 +32,9 @@ CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
 def _kernels(device: torch.device):
+    """On CUDA only the fused kernels: a shape they refuse fails instead of silently taking the
+    math fallback's S x S memory. The CPU's choice is left to torch (flash for our shapes;
+    tests/test_attention.py checks it)."""
     return sdpa_kernel(CUDA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -72,7 +75,9 @@ class FusedCausalAttention(nn.Module):
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"FusedCausalAttention: attention mask type {attn_mask_type} is not causal")
         if config.num_query_groups not in (None, config.num_attention_heads) or config.attention_dropout:
-            raise ValueError("FusedCausalAttention: grouped-query attention and attention dropout are not supported")
+            raise ValueError(f"FusedCausalAttention: num_query_groups={config.num_query_groups} with "
+                             f"{config.num_attention_heads} heads, attention_dropout={config.attention_dropout}: "
+                             "grouped-query attention and attention dropout are not supported")
         self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
     def forward(self, query_SBNH, key_SBNH, value_SBNH, attention_mask=None, **_unused):

@@ -272,6 +272,9 @@ class EngineConfig:
             raise ConfigError(f"engine.device={self.device!r}: expected 'auto', 'cpu' or 'cuda'")
         if self.grad_comm_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"engine.grad_comm_dtype={self.grad_comm_dtype!r}: expected 'fp32' or 'bf16'")
+        if self.grad_comm_dtype == "bf16" and self.precision != "bf16":
+            raise ConfigError("engine.grad_comm_dtype=bf16 with engine.precision=fp32: fp32 gradients are "
+                              "reduced in fp32 (set grad_comm_dtype=fp32)")
         _positive(self, "comm_timeout_s")
         if self.zero_stage == 0 and self.precision == "bf16":
             raise ConfigError("engine.zero_stage=0 with engine.precision=bf16: DeepSpeed accumulates bf16 "

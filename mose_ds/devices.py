@@ -24,11 +24,16 @@ class DeviceError(RuntimeError):
     """A device was asked for that this process cannot use; the message says why and what to do."""
 
 
+def device_files() -> int:
+    """NVIDIA GPUs the machine shows (/dev/nvidia0, 1, ...), whether or not torch can use them."""
+    return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def _visible() -> str:
     """What the machine shows, whatever torch sees: device files and CUDA_VISIBLE_DEVICES."""
-    files = len(glob.glob("/dev/nvidia[0-9]*"))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return f"{files} NVIDIA device file(s) in /dev, CUDA_VISIBLE_DEVICES={'unset' if visible is None else repr(visible)}"
+    return (f"{device_files()} NVIDIA device file(s) in /dev, "
+            f"CUDA_VISIBLE_DEVICES={'unset' if visible is None else repr(visible)}")
 
 
 def require_cuda(why: str) -> None:
@@ -43,7 +48,8 @@ def require_cuda(why: str) -> None:
 
 def choose(requested: str | torch.device | None = "auto", why: str = "this run") -> torch.device:
     """The device for `requested`: 'cpu', 'cuda', 'cuda:N', or 'auto' / None
-    (`MOSE_DS_DEVICE` if set, else CUDA when torch sees a device, else the CPU)."""
+    (`MOSE_DS_DEVICE` if set, else CUDA when torch sees a device, else the CPU). 'cuda'
+    stays without an index: which GPU is the process's (its LOCAL_RANK, engine.init_distributed)."""
     if requested in (None, "auto"):
         requested = os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -52,8 +58,8 @@ def choose(requested: str | torch.device | None = "auto", why: str = "this run")
         raise DeviceError(f"device {requested!r}: expected cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         require_cuda(f"{why} (device {requested})")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {requested!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
         raise DeviceError(f"device {requested!r}: expected cpu, cuda or cuda:N")
     return device

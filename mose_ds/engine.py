@@ -42,9 +42,13 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in WORLD_VARIABLES}
 
 
+_DEVICE: torch.device | None = None    # this process's device, decided by its first init_distributed
+
+
 def init_distributed(timeout_s: int = 600, device: str | torch.device = "auto") -> torch.device:
     """Join the launcher's process group, or make a one-rank world when run without one;
-    returns this process's device (`devices.choose(device)`; a CUDA rank takes GPU LOCAL_RANK).
+    returns this process's device (`devices.choose(device)`; 'cuda' without an index is
+    GPU LOCAL_RANK).
 
     CPU ranks use gloo and DeepSpeed's CPU accelerator (`cpu_compat`), CUDA ranks NCCL. A
     collective that waits `timeout_s` for a peer (one that died) raises instead of hanging;
@@ -61,7 +65,8 @@ def init_distributed(timeout_s: int = 600, device: str | torch.device = "auto") 
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     chosen = devices.choose(device)
     if chosen.type == "cuda":
-        chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if chosen.index is None:
+            chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(chosen)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     else:
@@ -75,9 +80,6 @@ def init_distributed(timeout_s: int = 600, device: str | torch.device = "auto") 
         parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
     _DEVICE = chosen
     return chosen
-
-
-_DEVICE: torch.device | None = None
 
 
 def _leave_process_group() -> None:
@@ -192,7 +194,7 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         # accumulate micro-batch gradients in fp32 even when the model runs in bf16, and
         # reduce them across ranks in fp32 too (DeepSpeed's default is the model dtype)
         "data_types": {"grad_accum_dtype": "fp32"},
-        "communication_data_type": e.grad_comm_dtype if e.precision == "bf16" else "fp32",
+        "communication_data_type": e.grad_comm_dtype,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         **e.extra,

@@ -90,9 +90,8 @@ def load_model(path: str, top_k: int | None = None, device: str | torch.device =
             raise CheckpointError(f"top_k={top_k}: routing transfer needs 1 <= k' <= trained k={cfg.moe.top_k}")
         moe = dataclasses.replace(moe, top_k=top_k)
     cfg = dataclasses.replace(cfg, moe=moe)
-    engine_lib.init_distributed(device=device)
-    device = devices.choose(device, why="loading a model")
-    with device:
+    engine_lib.init_distributed(device=device)        # the process group (its first call decides it)
+    with devices.choose(device, why="loading a model"):
         model = MoSEGPT(cfg.model, cfg.moe)
     for layer in model.moe_layers():
         layer.set_deepspeed_parallelism()

@@ -6,7 +6,9 @@
 
 Every node runs DeepSpeed's per-node launcher (`deepspeed.launcher.launch`), which starts one
 process per GPU (or `--nproc` CPU ranks) and kills the node's other ranks when one fails.
-Each rank runs under `mose_ds.guard`, which names a rank that died. With a hostfile the
+Each rank runs under `mose_ds.guard`, which names a rank that died. Ranks started on GPU slots
+(a hostfile, a SLURM allocation with GPUs, one rank per GPU of this machine) train with
+`engine.device=cuda` unless the arguments or the recipe name a device. With a hostfile the
 `deepspeed` runner reaches the nodes over pdsh; under SLURM the hostfile and master address are
 derived from the allocation and `srun` starts the per-node launcher on each node. `--dry-run`
 prints, per node, the exact command and starts nothing.
@@ -22,6 +24,10 @@ import re
 import shlex
 import subprocess
 import sys
+
+import yaml
+
+from . import devices
 
 # Environment variables forwarded to every node (as DeepSpeed's runner forwards them).
 FORWARD_PREFIXES = ("NCCL_", "UCX_", "FI_", "TORCH_NCCL_", "PYTHONPATH", "OMP_NUM_THREADS", "CUDA_DEVICE_MAX")
@@ -121,15 +127,27 @@ def local_slots(nproc: int | None) -> int:
     return torch.cuda.device_count() or 1
 
 
-def on_gpus(train_args: list[str]) -> list[str]:
-    """The training arguments of ranks started on GPU slots, with `engine.device=cuda` after
-    the config (unless engine.device is given): a node whose torch cannot use its GPUs then
-    refuses to start, naming why, instead of training on CPU ranks."""
-    if any(a.startswith("engine.device=") for a in train_args):
-        return train_args
+def recipe_device(train_args: list[str]) -> str | None:
+    """`engine.device` as the training arguments or their recipe set it (None: not set, or
+    the recipe cannot be read here, which the trainer reports)."""
+    for arg in train_args:
+        if arg.startswith("engine.device="):
+            return arg.split("=", 1)[1]
     i = next(i for i, a in enumerate(train_args) if a == "--config" or a.startswith("--config="))
-    at = i + 1 if "=" in train_args[i] else i + 2
-    return [*train_args[:at], "engine.device=cuda", *train_args[at:]]
+    path = train_args[i].split("=", 1)[1] if "=" in train_args[i] else (train_args[i + 1:i + 2] or [""])[0]
+    try:
+        with open(path) as f:
+            engine = (yaml.safe_load(f) or {}).get("engine") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return engine.get("device") if isinstance(engine, dict) else None
+
+
+def on_gpus(train_args: list[str]) -> list[str]:
+    """The training arguments of ranks started on GPU slots: `engine.device=cuda` added
+    unless the arguments or the recipe name a device, so a node whose torch cannot use its
+    GPUs refuses to start, naming why, instead of training on CPU ranks."""
+    return train_args if recipe_device(train_args) else [*train_args, "engine.device=cuda"]
 
 
 def plan(args, env: dict) -> tuple[list[tuple[str, int]], str, list[list[str]], list[str] | None]:
@@ -137,7 +155,8 @@ def plan(args, env: dict) -> tuple[list[tuple[str, int]], str, list[list[str]], 
     cwd = os.getcwd()
     import torch
     slurm_gpus = bool(env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE"))
-    local_gpus = args.nproc is None and torch.cuda.device_count() > 0     # one rank per visible GPU
+    # one rank per GPU: GPUs torch sees, or GPUs the machine shows that torch cannot use
+    local_gpus = args.nproc is None and (torch.cuda.device_count() > 0 or devices.device_files() > 0)
     if args.hostfile or (slurm_gpus if args.slurm else local_gpus):      # ranks on GPU slots
         args.train_args = on_gpus(args.train_args)
     if args.hostfile:

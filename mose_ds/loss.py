@@ -24,6 +24,9 @@ def _chunks(rows: int, vocab: int) -> list[slice]:
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward keeps the logits (no copy) and one fp32 log-sum-exp per row; backward rebuilds
+    each chunk's softmax from them, so no fp32 tensor of all rows ever exists."""
+
     @staticmethod
     def forward(ctx, logits_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
         lse_N = torch.empty(logits_NV.shape[0], dtype=torch.float32, device=logits_NV.device)

@@ -354,7 +354,7 @@ def parse_args(argv=None):
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=100")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)      # overrides may come before and after flags
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ TINY = {
     "optim": {"warmup_iters": 2},
     "train": {"micro_batch_size": 4, "grad_accum_steps": 1, "max_iters": 5, "eval_interval": 1000,
               "eval_batches": 2, "log_interval": 1000},
-    "engine": {"zero_stage": 0, "precision": "fp32", "device": "cpu"},
+    "engine": {"zero_stage": 0, "precision": "fp32"},
     "logging": {"tensorboard": False},
 }
 

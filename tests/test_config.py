@@ -136,3 +136,10 @@ def test_lr_schedule_warms_up_then_decays_linearly_to_min_lr():
     assert lr_at(200, o, 10_000) == pytest.approx(6e-4)
     assert lr_at(5_100, o, 10_000) == pytest.approx((6e-4 + 6e-5) / 2)
     assert lr_at(10_000, o, 10_000) == pytest.approx(6e-5) == lr_at(12_000, o, 10_000)
+
+
+def test_engine_device_and_gradient_dtype_are_checked():
+    with pytest.raises(ConfigError, match=r"engine\.device='gpu': expected 'auto', 'cpu' or 'cuda'"):
+        from_dict(tiny_raw(engine={"device": "gpu"}))
+    with pytest.raises(ConfigError, match=r"engine\.grad_comm_dtype=bf16 with engine\.precision=fp32"):
+        from_dict(tiny_raw(engine={"grad_comm_dtype": "bf16"}))

@@ -50,21 +50,27 @@ def test_a_gpu_run_without_cuda_is_refused_before_writing_anything(tmp_path, cor
 
 
 def test_launches_onto_gpu_slots_ask_for_cuda(tmp_path, capsys):
+    from mose_ds.train import parse_args
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("a slots=8\nb slots=8\n")
-    assert launch.main(["--hostfile", str(hostfile), "--dry-run", "--", "--config", "r.yaml", "train.max_iters=5"],
-                       env={}) == 0
+    argv = ["--config", "r.yaml", "--debug", "train.max_iters=5"]
+    assert launch.main(["--hostfile", str(hostfile), "--dry-run", "--", *argv], env={}) == 0
     lines = capsys.readouterr().out.splitlines()
     nodes = [line for line in lines if line.startswith(("[node ", "[started by]"))]
-    assert len(nodes) == 3 and all("--config r.yaml engine.device=cuda train.max_iters=5" in n for n in nodes)
+    assert len(nodes) == 3 and all("--config r.yaml --debug train.max_iters=5 engine.device=cuda" in n for n in nodes)
+    ranks = parse_args([*argv, "engine.device=cuda"])          # what each rank parses
+    assert ranks.overrides == ["train.max_iters=5", "engine.device=cuda"] and ranks.debug
     slurm = {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": "4"}
     assert launch.main(["--slurm", "--dry-run", "--hostfile-out", str(tmp_path / "h"), "--", "--config=r.yaml"],
                        env=slurm) == 0
     assert "--config=r.yaml engine.device=cuda" in capsys.readouterr().out
-    # what the user says wins; CPU ranks asked for by --nproc stay as they are
-    assert launch.main(["--hostfile", str(hostfile), "--dry-run", "--", "--config", "r.yaml", "engine.device=cpu"],
-                       env={}) == 0
-    assert "engine.device=cuda" not in capsys.readouterr().out
+    # a device the user names, on the command line or in the recipe, wins
+    cpu_recipe = tmp_path / "cpu.yaml"
+    cpu_recipe.write_text("engine:\n  device: cpu\n")
+    for named in (["--config", "r.yaml", "engine.device=cpu"], ["--config", str(cpu_recipe)]):
+        assert launch.main(["--hostfile", str(hostfile), "--dry-run", "--", *named], env={}) == 0
+        assert "engine.device=cuda" not in capsys.readouterr().out
+    # CPU ranks asked for by --nproc stay as they are
     assert launch.main(["--nproc", "2", "--dry-run", "--", "--config", "r.yaml"], env={}) == 0
     assert "engine.device" not in capsys.readouterr().out
 

@@ -73,7 +73,7 @@ def test_dry_run_for_a_four_node_hostfile(tmp_path, capsys):
         assert line.startswith(f"[node {i}: node-{host}, 8 rank(s)] export NCCL_IB_HCA=mlx5; cd ")
         assert (f"-m deepspeed.launcher.launch --world_info={info} --node_rank={i} --master_addr=node-a "
                 f"--master_port=6000 --no_local_rank --module mose_ds.guard mose_ds.train "
-                f"--config r.yaml engine.device=cuda train.max_iters=5") in line
+                f"--config r.yaml train.max_iters=5 engine.device=cuda") in line
         assert "HOME" not in line
     assert lines[-1].startswith(f"[started by] deepspeed --hostfile={hostfile} --master_addr=node-a")
 

@@ -154,11 +154,11 @@ def test_lm_loss_is_fp32_cross_entropy_without_an_fp32_copy_of_the_logits(monkey
     assert [t.untyped_storage().data_ptr() for t in large] == [logits.untyped_storage().data_ptr()]
 
 
-def test_parameters_are_created_on_the_device_the_model_is_built_on(world):
-    """engine.build_model builds under the training device: no host copy of the model first."""
+def test_parameters_are_created_on_the_device_the_model_is_built_on(world, monkeypatch):
+    """engine.build_model builds under the process's device (here `meta`, standing for a GPU):
+    no host copy of the model first, for GPT-2 and DeepSeek-V2 blocks alike."""
     from mose_ds.config import from_dict
-    from mose_ds.model import MoSEGPT
+    monkeypatch.setattr(world, "_DEVICE", torch.device("meta"))
     for cfg in (tiny_config(), from_dict({"model": {"hf_config": TINY_DEEPSEEK, "seq_len": 32}})):
-        with torch.device("meta"):
-            model = MoSEGPT(cfg.model, cfg.moe)
+        model = world.build_model(cfg)
         assert {p.device.type for p in model.parameters()} == {"meta"}

@@ -49,7 +49,7 @@ def hf_shapes(hf: dict) -> dict[str, tuple]:
     from mose_ds.config import from_dict
     from mose_ds.hf_mapping import hf_shape, ours_to_hf
     from mose_ds.model import MoSEGPT
-    engine.init_distributed()
+    engine.init_distributed(device="cpu")
     cfg = from_dict({"model": {"hf": hf, "seq_len": 128}})
     with torch.device("meta"):
         model = MoSEGPT(cfg.model, cfg.moe)

@@ -107,7 +107,7 @@ def expected_shapes(cfg) -> dict:
     import torch
     from mose_ds import engine
     from mose_ds.model import MoSEGPT
-    engine.init_distributed()
+    engine.init_distributed(device="cpu")
     with torch.device("meta"):
         model = MoSEGPT(cfg.model, dataclasses.replace(cfg.moe, expert_parallel_size=1))
     return {name: tuple(p.shape) for name, p in model.named_parameters()}

@@ -440,8 +440,9 @@ def check_deepseek(ctx) -> dict:
         tokens = torch.randint(0, cfg.model.vocab_size, (1, S + 1), generator=gen).to(ctx.device)
         start = time.perf_counter()
         stats, _ = train_micro_batch(engine, cfg, tokens[:, :-1], tokens[:, 1:], 0.5)
-        losses += [float(lm) for lm, _ in stats.values()]
+        measure.sync()                                                  # the step's work is done
         seconds.append(time.perf_counter() - start)
+        losses += [float(lm) for lm, _ in stats.values()]
     _, mem = memory(cfg, ctx, measure.peak() - before if ctx.device.type == "cuda" else None)
     del engine
     tokens_per_s, finite = S * 2 / sum(seconds[1:]), all(math.isfinite(v) for v in losses)

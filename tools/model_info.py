@@ -29,7 +29,7 @@ def model_info(cfg) -> dict:
     from mose_ds.flops import CONVENTIONS, forward_flops_per_token
     from mose_ds.model import MoSEGPT, count_parameters
 
-    engine.init_distributed()
+    engine.init_distributed(device="cpu")
     single = dataclasses.replace(cfg.moe, expert_parallel_size=1)   # counts do not depend on EP
     with torch.device("meta"):
         model = MoSEGPT(cfg.model, single)

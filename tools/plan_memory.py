@@ -207,7 +207,7 @@ def worker(raw_json: str, out: str, iterations: int = 2) -> None:
     from mose_ds.train import quiet_libraries, train_micro_batch
 
     quiet_libraries()
-    engine_lib.init_distributed()
+    engine_lib.init_distributed(device="cpu")     # a CPU measurement, on any host
     cfg = from_dict(json.loads(raw_json))
     base = resident()
     engine = engine_lib.create_engine(cfg, engine_lib.build_model(cfg))
