@@ -17,7 +17,6 @@ import os
 import torch
 
 ENV_DEVICE = "MOSE_DS_DEVICE"
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class DeviceError(RuntimeError):

@@ -145,9 +145,9 @@ def recipe_device(train_args: list[str]) -> str | None:
 
 def on_gpus(train_args: list[str]) -> list[str]:
     """The training arguments of ranks started on GPU slots: `engine.device=cuda` added
-    unless the arguments or the recipe name a device, so a node whose torch cannot use its
+    unless the arguments or the recipe name one (cpu or cuda), so a node whose torch cannot use its
     GPUs refuses to start, naming why, instead of training on CPU ranks."""
-    return train_args if recipe_device(train_args) else [*train_args, "engine.device=cuda"]
+    return train_args if recipe_device(train_args) in ("cpu", "cuda") else [*train_args, "engine.device=cuda"]
 
 
 def plan(args, env: dict) -> tuple[list[tuple[str, int]], str, list[list[str]], list[str] | None]:

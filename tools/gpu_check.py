@@ -49,7 +49,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 with contextlib.redirect_stdout(sys.stderr):     # stdout is for the check lines (DeepSpeed talks on import)
-    from bench_moe import PEAK_BF16_TFLOPS, forward_flops, inputs, our_layer, stdout_to_stderr, step_fn
+    from bench_moe import PEAK_BF16_TFLOPS, counted, forward_flops, inputs, our_layer, stdout_to_stderr, step_fn
     from plan_memory import grad_accum_dtype, param_counts
 
     from mose_ds import measure
@@ -260,9 +260,9 @@ def check_moe_vs_cpu(ctx) -> dict:
 
 
 def check_host_syncs(ctx) -> dict:
-    """One layer forward + backward (aux loss included, as in training) after a warm-up: CUDA's
-    own sync debug mode on a GPU, the provenance counter (counters.HostSyncCounter) on the CPU."""
-    from mose_ds.counters import HostSyncCounter, cuda_sync_warnings
+    """One layer forward + backward (aux loss included, as in training) after a warm-up, by
+    bench_moe's `counted`: CUDA's own sync debug mode on a GPU, the provenance counter
+    (counters.HostSyncCounter, whose sites go to the JSON) on the CPU."""
     counts, where = {}, {}
     for name, kernel, drop, policy in moe_cases(ctx):
         if name.endswith("uniform 0.5"):
@@ -276,17 +276,8 @@ def check_host_syncs(ctx) -> dict:
             layer.zero_grad(set_to_none=True)
             out, info = layer(x, policy)
             torch.autograd.backward([out, info.aux_loss], [g, None])
-        step()
-        if ctx.device.type == "cuda":
-            with cuda_sync_warnings() as seen:
-                step()
-            counts[name], where[name] = len(seen), sorted({w.splitlines()[0] for w in seen})
-        else:
-            counter = HostSyncCounter()
-            counter.device(x, g, *layer.parameters())
-            with counter:
-                step()
-            counts[name], where[name] = counter.syncs, dict(counter.where)
+        counter, cuda_syncs = counted(step, x, g, *layer.parameters())
+        counts[name], where[name] = counter.syncs if cuda_syncs is None else cuda_syncs, dict(counter.where)
     how = "CUDA sync debug mode" if ctx.device.type == "cuda" else "HostSyncCounter"
     return result(all(n == 1 for n in counts.values()), f"{how}, per layer forward + backward (1 expected): "
                   + ", ".join(f"{k} {v}" for k, v in counts.items()), counts=counts, where=where)
