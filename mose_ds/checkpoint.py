@@ -9,7 +9,8 @@ reports it and falls back to the newest checkpoint that verifies. `latest` is re
 atomically, only after the manifest; the last `checkpoint.keep_last` good checkpoints are
 kept. The iteration and data position travel in DeepSpeed's client state. Resuming with a
 config whose architecture or parallel layout differs from the checkpoint's is refused (a
-different layout goes through tools/convert_checkpoint.py).
+different layout goes through tools/convert_checkpoint.py). Every `.pt` file, ours and
+DeepSpeed's, is read through `safe_load`: as tensors and a few known types, never as code.
 
 `checkpoint.init_from` is the other way in: a weights folder (written by
 `tools/convert_hf_to_mose.py`) whose tensors initialise a new run at iteration 0 with a fresh
@@ -32,15 +33,13 @@ import torch
 import yaml
 from deepspeed import comm as dist
 
+from . import safe_load
 from .config import ConfigError, RunConfig, from_dict, save_config
+from .safe_load import CheckpointError   # defined beside the loader; callers import it from here
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
 TAG_RE = re.compile(r"^iter_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A missing, unreadable or mismatched checkpoint; the message names it."""
 
 
 @dataclass
@@ -84,7 +83,7 @@ def save(engine, cfg: RunConfig, state: TrainState) -> str:
     if rank == 0:
         save_config(cfg, os.path.join(folder, "config.yaml"))
     dist.barrier()                              # every rank has written all its files
-    files = _gather(_describe_files(folder, sorted(os.listdir(folder))))
+    files = _gather(_describe_files(folder, _listing(folder)))
     from .engine import expert_rank
     expert_ranks = _gather({rank: expert_rank(engine.module)})
     if rank == 0:
@@ -116,6 +115,15 @@ def _file_record(path: str) -> dict:
             size += len(chunk)
         os.fsync(f.fileno())
     return {"bytes": size, "crc32": f"{crc:08x}"}
+
+
+def _listing(folder: str) -> list[str]:
+    """The folder's file names as rank 0 sees them, on every rank: on a shared filesystem
+    another node's listing can lag (a file written a moment ago missing from it), and a file
+    nobody lists would be left out of the manifest. Collective."""
+    names = [sorted(os.listdir(folder)) if dist.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(names, src=0)
+    return names[0]
 
 
 def _describe_files(folder: str, names: list[str]) -> dict:
@@ -247,10 +255,8 @@ def check_layout(folder: str, world_size: int, expert_parallel_size: int) -> Non
 
 
 def torch_load(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:   # truncated or foreign files raise many types
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    """A checkpoint file as data (`safe_load`: tensors and known types, never code)."""
+    return safe_load.load(path)
 
 
 def read_model_states(folder: str) -> tuple[dict, dict]:
@@ -291,13 +297,15 @@ def load(engine, folder: str) -> TrainState:
     try:
         path, client = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
+    except CheckpointError:   # safe_load's refusal of an unsafe or unreadable file: it names the file
+        raise
     except Exception as e:   # DeepSpeed raises many types for a damaged file
         raise CheckpointError(f"checkpoint {folder} could not be loaded: {type(e).__name__}: {e}") from e
     if path is None or client is None:
         raise CheckpointError(f"checkpoint {folder} could not be loaded (missing model states)")
     rng_path = os.path.join(folder, f"rng_state_rank{dist.get_rank()}.pt")
     if os.path.exists(rng_path):
-        _set_rng_state(torch.load(rng_path, weights_only=False))
+        _set_rng_state(safe_load.load(rng_path))
     return TrainState(iteration=client["iteration"], data_position=client["data_position"])
 
 

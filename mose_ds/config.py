@@ -206,6 +206,11 @@ class OptimConfig:
 class TrainConfig:
     """Batch geometry and loop lengths; global batch = micro * accum * data-parallel size.
 
+    `global_batch_size` (sequences per optimizer step, all ranks together) is what the paper
+    fixes; with it set, `grad_accum_steps` is derived from the job's world size (`geometry`), so
+    the same recipe trains with the same batch on 4 GPUs or 32. Setting both is allowed only when
+    they agree. Without it, the global batch is micro x accum (default 1) x ranks.
+
     `stop_at` ends this job after that iteration with a checkpoint (for time-limited jobs);
     the schedule still runs to `max_iters`, and a resumed job continues it. 0 = never.
     An iteration whose loss is not finite on any rank changes no weight (it is skipped and
@@ -216,7 +221,8 @@ class TrainConfig:
     windows at every evaluation), so compare validation numbers between runs of one world size.
     """
     micro_batch_size: int = 12
-    grad_accum_steps: int = 4
+    grad_accum_steps: Optional[int] = None     # None: derived from global_batch_size (else 1)
+    global_batch_size: Optional[int] = None    # sequences per optimizer step over all ranks
     max_iters: int = 10000
     stop_at: int = 0
     seed: int = 1337
@@ -227,11 +233,55 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self):
-        _positive(self, "micro_batch_size", "grad_accum_steps", "max_iters", "eval_interval",
+        _positive(self, "micro_batch_size", "max_iters", "eval_interval",
                   "eval_batches", "log_interval", "max_nonfinite_in_a_row")
         for key in ("stop_at", "seed"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+        for key in ("grad_accum_steps", "global_batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be positive (or null)")
+
+    def geometry(self, data_parallel: int) -> "BatchGeometry":
+        """Micro-batch, accumulation and global batch of a job with `data_parallel` ranks."""
+        return batch_geometry(self.micro_batch_size, self.grad_accum_steps, self.global_batch_size, data_parallel)
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    micro: int
+    accum: int
+    data_parallel: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.data_parallel
+
+    def __str__(self) -> str:
+        return (f"micro-batch {self.micro} x accumulation {self.accum} x data-parallel {self.data_parallel} "
+                f"= global batch {self.global_batch}")
+
+
+def batch_geometry(micro: int, accum: Optional[int], global_batch: Optional[int],
+                   data_parallel: int) -> BatchGeometry:
+    """The accumulation that makes micro x accum x data-parallel equal the global batch; a
+    global batch the job cannot make is an error naming the three numbers (and the micro-batch
+    sizes that would work)."""
+    if global_batch is None:
+        return BatchGeometry(micro, accum or 1, data_parallel)
+    per_step = micro * data_parallel
+    if accum is not None and micro * accum * data_parallel != global_batch:
+        raise ConfigError(f"train.global_batch_size={global_batch} but train.micro_batch_size={micro} x "
+                          f"train.grad_accum_steps={accum} x {data_parallel} data-parallel rank(s) = "
+                          f"{micro * accum * data_parallel}; drop train.grad_accum_steps (it is derived) or fix one")
+    if global_batch % per_step:
+        fits = [m for m in range(1, global_batch // data_parallel + 1)
+                if global_batch % (m * data_parallel) == 0] if global_batch % data_parallel == 0 else []
+        hint = (f"micro-batch sizes that divide it on {data_parallel} rank(s): {', '.join(map(str, fits))}"
+                if fits else f"no micro-batch size does on {data_parallel} ranks: use a rank count that divides it")
+        raise ConfigError(f"train.global_batch_size={global_batch} is not a multiple of train.micro_batch_size="
+                          f"{micro} x {data_parallel} data-parallel rank(s) = {per_step}; {hint}")
+    return BatchGeometry(micro, global_batch // per_step, data_parallel)
 
 
 @dataclass
@@ -256,6 +306,7 @@ class EngineConfig:
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
     comm_timeout_s: int = 600     # a collective that waits longer aborts the job (a dead peer)
+    heartbeat_timeout_s: int = 60  # multi-node: a node silent this long is named and ends the job
     extra: dict = field(default_factory=dict)
 
     OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -275,7 +326,7 @@ class EngineConfig:
         if self.grad_comm_dtype == "bf16" and self.precision != "bf16":
             raise ConfigError("engine.grad_comm_dtype=bf16 with engine.precision=fp32: fp32 gradients are "
                               "reduced in fp32 (set grad_comm_dtype=fp32)")
-        _positive(self, "comm_timeout_s")
+        _positive(self, "comm_timeout_s", "heartbeat_timeout_s")
         if self.zero_stage == 0 and self.precision == "bf16":
             raise ConfigError("engine.zero_stage=0 with engine.precision=bf16: DeepSpeed accumulates bf16 "
                               "gradients in fp32 only under ZeRO; use engine.zero_stage=1 or 2")

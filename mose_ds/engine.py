@@ -22,7 +22,7 @@ from deepspeed import comm as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 
-from . import cpu_compat, devices
+from . import cpu_compat, devices, safe_load
 from .config import ConfigError, OptimConfig, RunConfig
 from .model import MoSEGPT
 
@@ -180,13 +180,18 @@ def micro_steps_per_batch(cfg: RunConfig) -> int:
     return 2 if cfg.mose.enabled and cfg.mose.two_pass == "sequential" else 1
 
 
+def accumulation(cfg: RunConfig) -> int:
+    """Micro-batches per optimizer step on this job's ranks (`train.geometry`)."""
+    return cfg.train.geometry(dist.get_world_size() if dist.is_initialized() else 1).accum
+
+
 def deepspeed_config(cfg: RunConfig) -> dict:
     e = cfg.engine
     zero = {"stage": e.zero_stage, "overlap_comm": e.overlap_comm,
             "reduce_bucket_size": e.reduce_bucket_size, "allgather_bucket_size": e.allgather_bucket_size}
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum_steps * micro_steps_per_batch(cfg),
+        "gradient_accumulation_steps": accumulation(cfg) * micro_steps_per_batch(cfg),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -227,7 +232,8 @@ def base_optimizer(engine) -> SkippableAdamW:
 
 def create_engine(cfg: RunConfig, model: MoSEGPT):
     """DeepSpeed engine with torch AdamW (its fused kernel on CUDA: one launch per group
-    instead of a dozen per tensor) and the warmup/linear-decay schedule."""
+    instead of a dozen per tensor) and the warmup/linear-decay schedule, reading checkpoints
+    through `safe_load`."""
     o = cfg.optim
     fused = next(model.parameters()).device.type == "cuda"
     optimizer = SkippableAdamW(optimizer_groups(model, o.weight_decay), lr=o.lr,
@@ -236,4 +242,21 @@ def create_engine(cfg: RunConfig, model: MoSEGPT):
         optimizer, lambda it: lr_at(it, o, cfg.train.max_iters) / o.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg))
+    read_checkpoints_safely(engine)
     return engine
+
+
+def read_checkpoints_safely(engine) -> None:
+    """Make `engine.load_checkpoint` read every file through `safe_load` (data, never code).
+
+    DeepSpeed reads each file of a ZeRO-0/1/2 checkpoint through its engine's checkpoint
+    engine (`checkpoint_engine.load`, torch.load with weights_only=False): the model states,
+    the expert files (`load_moe_state_dict` is handed the same checkpoint engine), the
+    optimizer states of a run without ZeRO and the ZeRO / bf16 optimizer shards. It calls
+    torch.load directly only when loading its own universal checkpoints and under ZeRO-3;
+    the config refuses ZeRO-3, and DeepSpeed's universal loading is refused here (ours is
+    mose_ds.universal, safetensors)."""
+    if engine.load_universal_checkpoint():
+        raise ConfigError("engine.extra.checkpoint.load_universal: DeepSpeed's universal loader unpickles "
+                          "files unsafely; resume from a tools/convert_checkpoint.py folder instead")
+    engine.checkpoint_engine.load = safe_load.load

@@ -21,10 +21,12 @@ import warnings
 import torch
 from deepspeed import comm as dist
 
-from . import checkpoint, devices, engine as engine_lib, universal
+from . import checkpoint, devices, engine as engine_lib, heartbeat, universal
+from .preempt import EXIT_PREEMPTED, Preempted, StopRequest
 from .checkpoint import CheckpointError, TrainState
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data import TokenSplit, device_batches, val_batch_count, val_batches
+from .launch import LaunchError, check_not_bare_srun
 from .model import lm_loss
 from .monitor import Monitor, routing_scalars
 from .widths import FULL_WIDTH, UniformPolicy, sample_width
@@ -43,28 +45,33 @@ class TrainingHalted(RuntimeError):
     and where the last good state is."""
 
 
-class FiniteCheck:
-    """Whether an iteration's losses were finite on every rank, read once per iteration.
+class RankAgreement:
+    """What the ranks agree on at the end of an iteration, in one all-reduce and one read:
+    whether any rank saw a non-finite loss (the optimizer skips the update) and whether any
+    rank was asked to stop (preempt.py; `stop` then stays set).
 
-    Each micro-step adds its loss's non-finiteness to a device flag (no host read); at the
-    accumulation boundary one all-reduce and one read decide, on every rank alike, whether
-    the optimizer skips the update."""
+    Each micro-step adds its loss's non-finiteness to a device flag (no host read)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, stop_request: StopRequest | None = None):
         self.bad = torch.zeros(1, dtype=torch.float32, device=device)   # NCCL reduces device tensors
+        self.stop_request = stop_request
+        self.stop = False
 
     def add(self, loss: torch.Tensor) -> None:
         self.bad += (~torch.isfinite(loss.detach())).to(torch.float32)
 
     def decide(self) -> bool:
         """True if any rank saw a non-finite loss since the last decision (collective)."""
-        dist.all_reduce(self.bad)
-        skip = bool(self.bad.item())
+        asked = self.stop_request is not None and self.stop_request.requested
+        flags = torch.cat([self.bad, self.bad.new_full((1,), float(asked))])    # a fill, no host copy
+        dist.all_reduce(flags)
+        skip, stop = (value > 0 for value in flags.tolist())
+        self.stop = self.stop or stop
         self.bad.zero_()
         return skip
 
 
-def backward_and_step(engine, loss: torch.Tensor, check: FiniteCheck) -> bool | None:
+def backward_and_step(engine, loss: torch.Tensor, check: RankAgreement) -> bool | None:
     """One DeepSpeed micro-step; at the accumulation boundary, returns whether the
     iteration's update is skipped (None before it).
 
@@ -82,12 +89,12 @@ def backward_and_step(engine, loss: torch.Tensor, check: FiniteCheck) -> bool | 
 
 
 def train_micro_batch(engine, cfg: RunConfig, x_BS, y_BS, width: float | None,
-                      check: FiniteCheck | None = None) -> tuple[dict, bool | None]:
+                      check: RankAgreement | None = None) -> tuple[dict, bool | None]:
     """Forward/backward of one micro-batch: full width, plus the sampled width if MoSE.
     Returns {branch: (LM loss, routing stats)}, device values read only when logged, and
     whether the iteration's update is skipped (at its last micro-batch; else None).
     `check` carries finiteness across an iteration's micro-batches (a new one by default)."""
-    check = check or FiniteCheck(engine.device)
+    check = check or RankAgreement(engine.device)
     branches = [("full", FULL_WIDTH)]
     if width is not None:
         branches.append(("width", UniformPolicy(width)))
@@ -140,16 +147,20 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def train(cfg: RunConfig, quiet: bool = False) -> dict:
-    """Run (or resume) training to `train.max_iters`; returns losses and the last validation."""
+def train(cfg: RunConfig, quiet: bool = False, stop: StopRequest | None = None) -> dict:
+    """Run (or resume) training to `train.max_iters`; returns losses and the last validation.
+    `stop`: the request that, once any rank sees it, ends the run early with a checkpoint
+    (raising Preempted); the command line installs its signal handlers."""
     wanted = devices.training_device(cfg.engine.device, cfg.engine.precision)
     device = engine_lib.init_distributed(cfg.engine.comm_timeout_s, wanted)
     if device.type != wanted.type:
         raise devices.DeviceError(f"engine.device: this process already runs on {device.type}, not {wanted.type}")
+    heartbeat.start(cfg.engine.heartbeat_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     say = (lambda *a: None) if quiet or rank else (lambda *a: print(*a, flush=True))
     warn = (lambda *a: None) if rank else (lambda *a: print(*a, file=sys.stderr, flush=True))
     engine_lib.check_layout(cfg, world)
+    geometry = cfg.train.geometry(world)
     # Everything that can be refused is checked before anything is written.
     train_split = TokenSplit(cfg.data.path, "train", cfg.model.seq_len, cfg.model.vocab_size)
     val_split = TokenSplit(cfg.data.path, "val", cfg.model.seq_len, cfg.model.vocab_size)
@@ -183,14 +194,14 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
         devices.record(info, cfg.logging.out_dir)
     monitor = Monitor(cfg.logging.out_dir, cfg.logging.tensorboard and rank == 0, cfg.mose.eval_widths)
 
-    t, mb, ga = cfg.train, cfg.train.micro_batch_size, cfg.train.grad_accum_steps
-    global_batch = mb * ga * world
+    t, mb, ga, global_batch = cfg.train, geometry.micro, geometry.accum, geometry.global_batch
     tokens_per_iter = global_batch * cfg.model.seq_len
     grid = cfg.mose.grid
     history, val, rate = [], {}, None
     say(f"training {cfg.model.name}: {t.max_iters} iterations of {global_batch} x {cfg.model.seq_len} tokens "
         f"on {world} rank(s), mode={'MoSE two-pass' if cfg.mose.enabled else 'MoE full width'}, "
         f"ZeRO-{cfg.engine.zero_stage}, {cfg.engine.precision}, EP={cfg.moe.expert_parallel_size}")
+    say(f"batch: {geometry} sequences of {cfg.model.seq_len} tokens")
     val_start = {}
     if not resume and cfg.checkpoint.init_from:    # where continual pre-training starts from
         val_start = evaluate(engine, cfg, val_split)
@@ -200,9 +211,12 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     first_iter = last_iter = state.iteration
     end = min(t.max_iters, t.stop_at) if t.stop_at else t.max_iters
     skipped_in_a_row = skipped_total = 0
-    check, unread = FiniteCheck(engine.device), []     # losses stay on the device until logged
+    stop = stop or StopRequest()
+    check, unread = RankAgreement(engine.device, stop), []     # losses stay on the device until logged
+    saved = None                                             # the iteration last checkpointed
     batches = device_batches(train_split, t.seed, state.data_position, rank, world, mb, ga, engine.device)
     while state.iteration < end:
+        stop.iteration = state.iteration + 1
         width = sample_width(grid, state.iteration, t.seed) if cfg.mose.enabled else None
         lr = engine.get_lr()[0]
         sums = {"loss_full": 0.0, "loss_width": 0.0}
@@ -258,7 +272,11 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
                 state.iteration == end and (cfg.checkpoint.save_final or end < t.max_iters)):
             folder = checkpoint.save(engine, cfg, state)
             say(f"checkpoint -> {folder}")
-            last, last_iter = time.time(), state.iteration
+            last, last_iter, saved = time.time(), state.iteration, folder
+
+        if check.stop and state.iteration < end:
+            monitor.close()
+            raise Preempted(state.iteration, stop_checkpoint(engine, cfg, state, stop, saved), stop.name)
 
     if not val and state.iteration == t.max_iters:   # resumed a finished run: report where it stands
         val = evaluate(engine, cfg, val_split)
@@ -268,6 +286,18 @@ def train(cfg: RunConfig, quiet: bool = False) -> dict:
     if rank == 0 and not quiet:
         print_summary(cfg, val, monitor.path, val_start)
     return summary
+
+
+def stop_checkpoint(engine, cfg: RunConfig, state: TrainState, stop: StopRequest, saved: str | None) -> str:
+    """The checkpoint of the iteration the ranks stopped after, written (unless the iteration
+    just wrote it) and verified; a signal meanwhile does not interrupt it. Collective."""
+    stop.saving = True
+    folder = saved if saved and saved.endswith(checkpoint.tag_for(state.iteration)) \
+        else checkpoint.save(engine, cfg, state)
+    found = checkpoint.verify(folder)
+    if found:
+        raise CheckpointError(f"the stop checkpoint {folder} does not verify: {found[0]}")
+    return folder
 
 
 def run_environment(engine, cfg: RunConfig) -> dict:
@@ -358,23 +388,37 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    stop = StopRequest(say=lambda *a: print(*a, file=sys.stderr, flush=True)).install()
     args = parse_args(argv)
     quiet_libraries()
     try:
+        check_not_bare_srun(os.environ)      # srun without the launcher: one world per task
         cfg = load_config(args.config, args.overrides)
-        train(cfg)
-    except (ConfigError, CheckpointError, devices.DeviceError) as e:
+        train(cfg, stop=stop)
+    except (ConfigError, CheckpointError, devices.DeviceError, LaunchError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2   # no barrier: another rank may be inside a collective
+    except Preempted as e:        # every rank agreed to stop and the checkpoint verified
+        if dist.get_rank() == 0:
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+        heartbeat.stop()
+        dist.barrier()
+        dist.destroy_process_group()
+        return EXIT_PREEMPTED
     except TrainingHalted as e:   # every rank agreed to stop: leave the process group cleanly
         if dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
+        heartbeat.stop()
         dist.barrier()
         dist.destroy_process_group()
         return 3
+    except Exception:             # a collective that failed because a node went: name the node
+        heartbeat.settle()
+        raise
     if dist.is_initialized():
+        heartbeat.stop()
         dist.barrier()
         dist.destroy_process_group()
     return 0

@@ -82,3 +82,13 @@ def test_ratios_pair_each_round_with_the_reference_of_the_same_round():
     samples = {"ref": [1.0, 2.0, 3.0], "v": [0.5, 3.0, 1.5]}     # round 2 hit v by a slow spell
     assert paired_ratios(samples, "ref") == {"ref": 1.0, "v": 0.5}
     assert medians(samples) == {"ref": 2.0, "v": 1.5}
+
+
+def test_the_step_model_of_a_paper_recipe_takes_the_asked_micro_batch(world, bench):
+    """The documented GPU step measurement passes a paper recipe (a global batch of 288) with its
+    own micro-batch: one micro-batch per step, whatever the recipe's global batch."""
+    import os
+    from conftest import ROOT
+    args = bench.parse_args(["--micro-batch", "2", "--seq-len", "32"])
+    cfg, engine, _, _ = bench.step_model(args, os.path.join(ROOT, "ds_configs", "gpt2_small_e8a2.yaml"), 64)
+    assert engine.gradient_accumulation_steps() == 1 and cfg.train.micro_batch_size == 2

@@ -143,3 +143,42 @@ def test_engine_device_and_gradient_dtype_are_checked():
         from_dict(tiny_raw(engine={"device": "gpu"}))
     with pytest.raises(ConfigError, match=r"engine\.grad_comm_dtype=bf16 with engine\.precision=fp32"):
         from_dict(tiny_raw(engine={"grad_comm_dtype": "bf16"}))
+
+
+PAPER_BATCHES = {   # Table 3: micro-batch x accumulation x 4 GPUs
+    "gpt2_small_e8a2": (12, 6), "gpt2_small_e8a4": (8, 9), "gpt2_small_e16a4": (8, 9),
+    "gpt2_small_e64a8": (6, 8), "gpt2_small_e128a8": (6, 8), "gpt2_standard_e8a2": (6, 12),
+    "gpt2_standard_e8a4": (6, 12), "gpt2_medium_e8a2": (2, 12), "gpt2_large_e8a2": (4, 6),
+}
+
+
+def test_recipes_state_the_paper_global_batch_and_derive_accumulation_from_the_world():
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, (micro, accum) in PAPER_BATCHES.items():
+        train = load_config(os.path.join(root, "ds_configs", f"{name}.yaml")).train
+        assert train.global_batch_size == micro * accum * 4 and train.grad_accum_steps is None, name
+        assert (train.geometry(4).micro, train.geometry(4).accum) == (micro, accum), name
+    small = load_config(os.path.join(root, "ds_configs", "gpt2_small_e8a2.yaml")).train
+    assert [small.geometry(n).accum for n in (1, 2, 4, 8, 24)] == [24, 12, 6, 3, 1]
+    assert str(small.geometry(8)) == "micro-batch 12 x accumulation 3 x data-parallel 8 = global batch 288"
+
+
+def test_a_global_batch_the_job_cannot_make_is_an_error_naming_the_numbers():
+    train = from_dict(tiny_raw(train={"micro_batch_size": 12, "grad_accum_steps": None,
+                                      "global_batch_size": 288})).train
+    with pytest.raises(ConfigError, match=r"global_batch_size=288 is not a multiple of train.micro_batch_size=12 x "
+                                          r"32 data-parallel rank\(s\) = 384; micro-batch sizes that divide it on 32 "
+                                          r"rank\(s\): 1, 3, 9$"):
+        train.geometry(32)
+    with pytest.raises(ConfigError, match=r"no micro-batch size does on 5 ranks"):
+        train.geometry(5)
+    both = from_dict(tiny_raw(train={"micro_batch_size": 4, "grad_accum_steps": 6, "global_batch_size": 96})).train
+    assert both.geometry(4).accum == 6
+    with pytest.raises(ConfigError, match=r"global_batch_size=96 but train.micro_batch_size=4 x "
+                                          r"train.grad_accum_steps=6 x 8 data-parallel rank\(s\) = 192"):
+        both.geometry(8)
+    legacy = from_dict(tiny_raw(train={"micro_batch_size": 4, "grad_accum_steps": None})).train
+    assert legacy.geometry(3).global_batch == 12           # neither given: one micro-batch per rank
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=0 must be positive"):
+        from_dict(tiny_raw(train={"global_batch_size": 0}))

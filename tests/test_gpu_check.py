@@ -74,3 +74,16 @@ def test_a_check_that_raises_is_a_fail_line_with_its_reason(gpu_check):
     result = gpu_check.run_check(broken, None)
     assert result["status"] == "FAIL"
     assert result["summary"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
+def test_the_gpu_sizes_resolve_against_the_recipes_global_batch(gpu_check):
+    """The GPU form (not run here) trains the paper recipes with overrides of their batch: the
+    overrides must make a batch a one-GPU job can run (a recipe's global batch meets them)."""
+    from mose_ds.config import load_config
+    gpu = gpu_check.SIZES["gpu"]
+    train = load_config(os.path.join(ROOT, gpu.recipe), gpu.overrides).train
+    assert (train.geometry(1).micro, train.geometry(1).accum) == (12, 6)
+    lite = os.path.join(ROOT, "..", "shared", "data", "deepseek", "deepseek_v2_lite_config.json")
+    deepseek = load_config(os.path.join(ROOT, "ds_configs", "deepseek_v2_lite_cpt.yaml"),
+                           [*gpu_check.DEEPSEEK_OVERRIDES, f"model.hf_config={lite}"]).train
+    assert deepseek.geometry(1).global_batch == 1

@@ -135,6 +135,15 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+def test_global_batch_size_sets_the_accumulation_and_the_data_consumed(tmp_path, corpus, capsys):
+    cfg = tiny_config(data={"path": corpus}, logging={"out_dir": str(tmp_path)},
+                      train={"max_iters": 2, "micro_batch_size": 4, "grad_accum_steps": None, "global_batch_size": 12})
+    summary = train(cfg)
+    assert "batch: micro-batch 4 x accumulation 3 x data-parallel 1 = global batch 12 sequences" in capsys.readouterr().out
+    assert summary["engine"].gradient_accumulation_steps() == 3
+    assert summary["state"].data_position == 2 * 12
+
+
 def test_cli_bad_inputs_give_one_line_errors_and_touch_nothing(tmp_path, corpus):
     out = tmp_path / "run"
     raw = tiny_raw(data={"path": corpus}, logging={"out_dir": str(out), "tensorboard": False},
@@ -153,6 +162,8 @@ def test_cli_bad_inputs_give_one_line_errors_and_touch_nothing(tmp_path, corpus)
     assert_one_line_error(cli(tmp_path, raw, "moe.expert_parallel_size=2"), "expert_parallel_size=2",
                           "world size 1")
     assert_one_line_error(cli(tmp_path, raw, f"checkpoint.resume={tmp_path / 'nockpt'}"), "nockpt")
+    assert_one_line_error(cli(tmp_path, raw, "train.global_batch_size=7"), "train.global_batch_size=7 but train."
+                          "micro_batch_size=4 x train.grad_accum_steps=1 x 1 data-parallel rank(s) = 4")
     # a damaged checkpoint file
     model_states = next(out.rglob("mp_rank_00_model_states.pt"))
     model_states.write_bytes(b"not a checkpoint")

@@ -293,7 +293,7 @@ def step_model(args, recipe: str | None, hidden: int, **moe):
         raw["moe"].update(num_experts=args.experts, top_k=args.top_k)
     raw["model"]["seq_len"] = args.seq_len
     raw["moe"].update(expert_parallel_size=1, **moe)
-    raw["train"].update(micro_batch_size=args.micro_batch, grad_accum_steps=1, max_iters=10**6)
+    raw["train"].update(micro_batch_size=args.micro_batch, grad_accum_steps=1, global_batch_size=None, max_iters=10**6)
     raw["engine"].update(zero_stage=1, precision=args.dtype)
     raw["mose"]["two_pass"] = "joint"
     cfg = from_dict(raw, source=recipe or "bench")

@@ -85,7 +85,8 @@ SIZES = {
                  {"hidden": 512, "ffn": 1024, "experts": 8, "seq": 128, "batch": 8},
                  {"hidden": 1024, "experts": 64, "top_k": 8, "tokens": 32768},
                  [(8, 12, 1024, 64, 64), (2, 16, 4096, 192, 128)],
-                 "ds_configs/gpt2_small_e8a2.yaml", [], (40, 45), 4096),
+                 "ds_configs/gpt2_small_e8a2.yaml", ["train.global_batch_size=72"],   # accumulation 6 on one GPU
+                 (40, 45), 4096),
     "smoke": Sizes([0, 1, 7, 0, 33, 13, 5, 4], (64, 48), {"hidden": 32, "ffn": 64, "experts": 4, "seq": 16, "batch": 4},
                    {"hidden": 64, "experts": 4, "top_k": 2, "tokens": 512}, [(1, 2, 128, 16, 16), (1, 2, 128, 24, 16)],
                    "ds_configs/tiny_cpu.yaml", ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=2",
@@ -370,7 +371,7 @@ def check_train_resume(ctx) -> dict:
     base = load_config(recipe, s.overrides)
     m, t = base.model, base.train
     data = write_tokens(os.path.join(ctx.tmp, "data"), m.vocab_size,
-                        (end + 2) * t.micro_batch_size * t.grad_accum_steps * (m.seq_len + 1) * 10 // 9)
+                        (end + 2) * t.geometry(1).global_batch * (m.seq_len + 1) * 10 // 9)
     run, universal = os.path.join(ctx.tmp, "run"), os.path.join(ctx.tmp, "universal")
     common = [*s.overrides, f"data.path={data}", f"logging.out_dir={run}", "logging.tensorboard=false",
               f"engine.device={ctx.device.type}", f"train.max_iters={end}", "train.eval_interval=100000",
@@ -406,14 +407,18 @@ def check_train_resume(ctx) -> dict:
                   losses=losses, tokens_per_s=tokens_per_s, mfu=mfu, resumed=resumed, universal_loss=after["loss_full"])
 
 
+# One micro-batch of one sequence per step, whatever global batch the recipe states.
+DEEPSEEK_OVERRIDES = ["moe.drop_tokens=false", "train.activation_checkpointing=true", "train.micro_batch_size=1",
+                      "train.grad_accum_steps=1", "train.global_batch_size=null", "mose.enabled=true",
+                      "mose.two_pass=sequential", "logging.tensorboard=false", 'checkpoint.init_from=""']
+
+
 def check_deepseek(ctx) -> dict:
     from mose_ds import engine as engine_lib
     from mose_ds.config import load_config
     from mose_ds.deepseek import read_hf_config
     from mose_ds.train import train_micro_batch
-    common = [f"model.seq_len={ctx.sizes.deepseek_seq}", "moe.drop_tokens=false", "train.activation_checkpointing=true",
-              "train.micro_batch_size=1", "train.grad_accum_steps=1", "mose.enabled=true", "mose.two_pass=sequential",
-              f"engine.device={ctx.device.type}", "logging.tensorboard=false", 'checkpoint.init_from=""']
+    common = [f"model.seq_len={ctx.sizes.deepseek_seq}", *DEEPSEEK_OVERRIDES, f"engine.device={ctx.device.type}"]
     if ctx.smoke:
         cfg = load_config(os.path.join(ROOT, "ds_configs", "deepseek_tiny_base_cpu.yaml"), common)
     else:   # the recipe names the real model's folder: the Lite shape goes in as a config.json of our own

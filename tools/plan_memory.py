@@ -214,7 +214,7 @@ def worker(raw_json: str, out: str, iterations: int = 2) -> None:
     gen = torch.Generator().manual_seed(dist.get_rank())
     width = cfg.mose.width_max if cfg.mose.enabled else None
     for _ in range(iterations):
-        for _ in range(cfg.train.grad_accum_steps):
+        for _ in range(engine_lib.accumulation(cfg)):
             x = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
                               generator=gen)
             train_micro_batch(engine, cfg, x[:, :-1], x[:, 1:], width)

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# NCCL environment for InfiniBand clusters; sourced by train.sbatch, forwarded to every node.
+# NCCL environment for InfiniBand clusters; sourced by train.sbatch (srun carries it to every node)
+# or before a hostfile launch (the launcher forwards NCCL_* and TORCH_NCCL_* through DeepSpeed's env
+# file; with --no-ssh source it on every node).
 # Values already set in the environment win. Check the names against your fabric (ibv_devinfo,
 # ip link) and see docs/scale_out.md.
 export NCCL_IB_DISABLE="${NCCL_IB_DISABLE:-0}"           # use InfiniBand / RoCE verbs
