@@ -118,12 +118,13 @@ def _file_record(path: str) -> dict:
 
 
 def _listing(folder: str) -> list[str]:
-    """The folder's file names as rank 0 sees them, on every rank: on a shared filesystem
-    another node's listing can lag (a file written a moment ago missing from it), and a file
-    nobody lists would be left out of the manifest. Collective."""
-    names = [sorted(os.listdir(folder)) if dist.get_rank() == 0 else None]
-    torch.distributed.broadcast_object_list(names, src=0)
-    return names[0]
+    """The folder's file names, the same on every rank: rank 0's listing joined with every
+    rank's own. On a shared filesystem a node's listing can lag (a file another node wrote a
+    moment ago missing from it); each rank sees the files it wrote itself, so no written file
+    is left out of the manifest. Collective."""
+    views = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(views, os.listdir(folder))
+    return sorted(set().union(*views))
 
 
 def _describe_files(folder: str, names: list[str]) -> dict:

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 
-from .preempt import EXIT_PREEMPTED, LAUNCHER_ENV
+from .preempt import EXIT_PREEMPTED, LAUNCHER_ENV, ignore_usr1
 
 PARENT_POLL_S = 0.5
 
@@ -60,7 +60,9 @@ def main(argv=None) -> int:
         print("usage: python -m mose_ds.guard <module> [args ...]", file=sys.stderr)
         return 2
     watched = launchers(os.environ)
-    child = subprocess.Popen([sys.executable, "-u", "-m", *argv])
+    # SIGUSR1 ignored until the rank installs its handler (preempt.StopRequest): a stop request
+    # that comes while it imports must not kill it
+    child = subprocess.Popen([sys.executable, "-u", "-m", *argv], preexec_fn=ignore_usr1)
 
     stopped = []
 
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
             break
         except subprocess.TimeoutExpired:
             gone = [pid for pid in watched if not alive(pid) or (pid == watched[0] and os.getppid() != pid)]
-            if gone and not stopped:             # the node's launcher was killed
+            if gone and signal.SIGKILL not in stopped:     # the node's launcher was killed
                 print(f"error: {where}: the node's launcher (pid {gone[0]}) is gone; ending this rank",
                       file=sys.stderr, flush=True)
                 stopped.append(signal.SIGKILL)

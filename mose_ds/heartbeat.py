@@ -49,7 +49,12 @@ class Heartbeat:
 
     def _run(self) -> None:
         beats = [f"{KEY}/beat/{r}" for r in range(self.world)]
+        last_loop = last_reached = time.monotonic()
         while not self.done.wait(self.interval_s):
+            now = time.monotonic()
+            if now - last_loop > self.timeout_s / 2:     # this process was stopped (suspend, SIGSTOP) or
+                self.seen = {r: (v, now) for r, (v, _) in self.seen.items()}   # starved: it saw nothing
+            last_loop = now
             try:
                 self.store.add(f"{KEY}/beat/{self.rank}", 1)
                 if not self.store.check(beats):          # peers still starting
@@ -59,12 +64,12 @@ class Heartbeat:
                         node, host = where.decode().split(" ", 1)
                         self.where[r] = (int(node), host)
                 values = self.store.multi_get(beats)
+                last_reached = now
             except Exception as e:                       # the store lives in rank 0's process
-                if not self.done.is_set():
+                if now - last_reached > self.timeout_s and not self.done.is_set():
                     self._lost(f"node 0 (the rendezvous {self.master}, rank 0) cannot be reached "
                                f"({type(e).__name__})")
-                return
-            now = time.monotonic()
+                continue
             stale = []
             for r, value in enumerate(values):
                 last = self.seen.get(r)
@@ -113,6 +118,7 @@ def stop() -> None:
 
 def settle() -> None:
     """Give the heartbeat the time to name a lost node before an error from a collective is
-    raised (the process exits from the heartbeat thread if it finds one)."""
+    raised (the process exits from the heartbeat thread if it finds one). A store that cannot
+    be reached is named only after `timeout_s` of failed calls."""
     if _beat is not None:
         _beat.verdict.wait(_beat.timeout_s + 3 * _beat.interval_s)

@@ -184,10 +184,11 @@ def node_command(hosts, node_rank: int, master_addr: str, master_port: int, trai
             "--no_local_rank", "--module", "mose_ds.guard", "mose_ds.train", *train_args]
 
 
-def shell_line(cmd: list[str], env: dict, cwd: str) -> str:
-    """`cmd` as one shell line that sets `env` and `cwd` first (what a remote node runs)."""
+def shell_line(cmd: list[str], env: dict, cwd: str, exec_: bool = False) -> str:
+    """`cmd` as one shell line that sets `env` and `cwd` first (what a remote node runs);
+    `exec_`: the shell becomes `cmd`, so its exit status is the task's own."""
     exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in env.items())
-    return f"{exports}cd {shlex.quote(cwd)}; {shlex.join(cmd)}"
+    return f"{exports}cd {shlex.quote(cwd)}; {'exec ' if exec_ else ''}{shlex.join(cmd)}"
 
 
 # ---- what DeepSpeed's pdsh runner passes to each node (deepspeed/launcher/runner.py, multinode_runner.py)
@@ -222,6 +223,9 @@ def read_env_file(path: str) -> dict:
             key, sep, value = line.partition("=")
             if line.strip() and not sep:
                 raise LaunchError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
+            if sep and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
+                raise LaunchError(f"{path}:{number}: {key.strip()!r} is not a variable name (comments are not "
+                                  "allowed: DeepSpeed's runner would export the line as it is)")
             if sep:
                 values[key.strip()] = value.strip()
     return values
@@ -374,8 +378,10 @@ def plan(args, env: dict) -> Plan:
         master = args.master_addr or hosts[0][0]
         # The node's shell, and DeepSpeed's launcher below it, ignore the SIGUSR1 that SLURM sends
         # to every process of the step; the ranks install their own handler.
+        # `exec`: the srun task is the launcher itself, so a node's exit status reaches srun
+        # unchanged (a shell that srun's --kill-on-bad-exit kills first would turn 75 into 143).
         on_node = ['trap "" USR1; ' + shell_line(node_command(hosts, i, master, port, args.train_args),
-                                                 forwarded_env(env), cwd) for i in range(len(hosts))]
+                                                 forwarded_env(env), cwd, exec_=True) for i in range(len(hosts))]
         nodes = [f"[node {i}: {host}, {slots} rank(s)] {line}" for i, ((host, slots), line) in enumerate(zip(hosts, on_node))]
         # srun starts one task per node; each picks its own rank by SLURM_NODEID. Since SLURM
         # 22.05 srun does not inherit sbatch's --cpus-per-task; DeepSpeed's launcher places the ranks.
@@ -445,6 +451,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None, env=None) -> int:
+    relay = preempt.Relay()          # before anything slow: a stop request is kept, not fatal
     args = parse_args(argv)
     env = dict(os.environ if env is None else env)
     try:
@@ -471,7 +478,7 @@ def main(argv=None, env=None) -> int:
             print(f"[started by] {shlex.join(job.runner)}")
         return 0
     local = not (args.slurm or args.hostfile) or args.no_ssh       # this node's ranks run below this process
-    return preempt.relay(job.runner, local)    # SIGUSR1/SIGTERM here: the ranks checkpoint and stop
+    return relay.run(job.runner, local)        # SIGUSR1/SIGTERM here: the ranks checkpoint and stop
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import warnings
 import torch
 from deepspeed import comm as dist
 
-from . import checkpoint, devices, engine as engine_lib, heartbeat, universal
+from . import checkpoint, devices, engine as engine_lib, heartbeat, preempt, universal
 from .preempt import EXIT_PREEMPTED, Preempted, StopRequest
 from .checkpoint import CheckpointError, TrainState
 from .config import ConfigError, RunConfig, load_config, save_config
@@ -155,7 +155,6 @@ def train(cfg: RunConfig, quiet: bool = False, stop: StopRequest | None = None) 
     device = engine_lib.init_distributed(cfg.engine.comm_timeout_s, wanted)
     if device.type != wanted.type:
         raise devices.DeviceError(f"engine.device: this process already runs on {device.type}, not {wanted.type}")
-    heartbeat.start(cfg.engine.heartbeat_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     say = (lambda *a: None) if quiet or rank else (lambda *a: print(*a, flush=True))
     warn = (lambda *a: None) if rank else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -174,6 +173,7 @@ def train(cfg: RunConfig, quiet: bool = False, stop: StopRequest | None = None) 
     elif cfg.checkpoint.init_from:
         checkpoint.check_architecture(cfg, cfg.checkpoint.init_from)
 
+    heartbeat.start(cfg.engine.heartbeat_timeout_s)       # multi-node: a lost node is named
     torch.manual_seed(cfg.train.seed + rank)
     model = engine_lib.build_model(cfg)
     if not resume and cfg.checkpoint.init_from:
@@ -387,8 +387,20 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)      # overrides may come before and after flags
 
 
+def stop_request() -> StopRequest:
+    return StopRequest(say=lambda *a: print(*a, file=sys.stderr, flush=True)).install()
+
+
 def main(argv=None) -> int:
-    stop = StopRequest(say=lambda *a: print(*a, file=sys.stderr, flush=True)).install()
+    """The command line, called in a process that goes on: its signal handlers are put back."""
+    stop = stop_request()
+    try:
+        return run(argv, stop)
+    finally:
+        stop.uninstall()
+
+
+def run(argv, stop: StopRequest) -> int:
     args = parse_args(argv)
     quiet_libraries()
     try:
@@ -399,10 +411,12 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        heartbeat.stop()
         return 2   # no barrier: another rank may be inside a collective
     except Preempted as e:        # every rank agreed to stop and the checkpoint verified
         if dist.get_rank() == 0:
             print(f"stopped: {e}", file=sys.stderr, flush=True)
+            preempt.mark_stopped(e.folder)
         heartbeat.stop()
         dist.barrier()
         dist.destroy_process_group()
@@ -414,7 +428,7 @@ def main(argv=None) -> int:
         dist.barrier()
         dist.destroy_process_group()
         return 3
-    except Exception:             # a collective that failed because a node went: name the node
+    except RuntimeError:          # a collective that failed because a node went: name the node
         heartbeat.settle()
         raise
     if dist.is_initialized():
@@ -424,5 +438,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":      # the handlers stay to the end: a late signal must not kill the exit
+    sys.exit(run(None, stop_request()))

@@ -81,8 +81,12 @@ import json, os, signal, subprocess, sys
 import psutil
 args = sys.argv[1:]
 json.dump(args, open(os.environ["FAKE_SRUN_RECORD"], "w"))
+def task_signals():      # slurmstepd starts tasks with default signal actions
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 task = subprocess.Popen(args[args.index("bash"):], env=dict(os.environ, SLURM_NODEID="0", SLURM_PROCID="0",
-                                                             SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="1"))
+                                                             SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="1"),
+                        preexec_fn=task_signals)
 def forward(signum, _frame):
     for proc in [psutil.Process(task.pid), *psutil.Process(task.pid).children(recursive=True)]:
         try:
@@ -130,23 +134,25 @@ def test_sigusr1_to_the_batch_script_checkpoints_requeues_and_the_resume_is_bitw
     sbatch = os.path.join(ROOT, "launchers", "slurm", "train.sbatch")
     job = Job(["bash", sbatch, recipe, f"logging.out_dir={out}"], log, fake_slurm(tmp_path))
     seen = job.wait_for_iteration(random.Random(0).randint(2, 7))
+    rank0 = rank_process(job.proc.pid, rank=0)
     os.kill(job.proc.pid, signal.SIGUSR1)           # what SLURM does at --signal=B:USR1@<lead>
     ckpts = out / "checkpoints"
     second = False
     while job.proc.poll() is None:                  # a second signal while the checkpoint is written
         if not second and any(not os.path.exists(ckpts / t / checkpoint.MANIFEST) for t in checkpoint.tags(str(ckpts))):
-            os.kill(rank_process(job.proc.pid, rank=0), signal.SIGTERM)
+            os.kill(rank0, signal.SIGTERM)
             second = True
         time.sleep(0.0005)
     assert job.finish() == 0                        # requeued: the batch script itself succeeds
     log.flush()
     err, stdout = (tmp_path / "stderr.log").read_text(), "".join(job.stdout)
-    assert "sbatch: training ended with status 75" in stdout and "requeueing job 4242" in stdout
+    assert f"sbatch: training ended with status {EXIT_PREEMPTED}" in stdout
+    stopped = int(re.search(r"stopped on request \(SIGUSR1\) after iteration (\d+)", err).group(1))
+    assert f"stopped after the checkpoint {ckpts / checkpoint.tag_for(stopped)}; requeueing job 4242" in stdout
     assert (tmp_path / "scontrol.txt").read_text() == "requeue 4242\n"
     srun = json.loads((tmp_path / "srun.json").read_text())
     assert srun[:5] == ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--cpu-bind=none", "--kill-on-bad-exit=1"]
     received = [int(i) for i in re.findall(r"received SIGUSR1 during iteration (\d+)", err)]
-    stopped = int(re.search(r"stopped on request \(SIGUSR1\) after iteration (\d+)", err).group(1))
     assert received and seen < min(received) <= stopped <= min(received) + 1, (seen, received, stopped)
     assert checkpoint.tags(str(ckpts)) == [checkpoint.tag_for(stopped)]
     assert not checkpoint.problems(str(ckpts / checkpoint.tag_for(stopped)))
@@ -176,7 +182,7 @@ def test_a_two_node_job_without_ssh_survives_a_lost_node_and_equals_the_one_node
     checkpoint; SIGKILL to node 1's launcher ends its ranks with it and node 0's within the
     heartbeat bound, with a message naming node 1 and its ranks; the same two commands then
     resume and end with the weights and optimizer state of a one-node 4-rank run."""
-    timeout_s, max_iters = 10, 6
+    timeout_s, max_iters = 10, 10
     recipe = recipe_for(tmp_path, corpus, max_iters=max_iters)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
@@ -187,8 +193,9 @@ def test_a_two_node_job_without_ssh_survives_a_lost_node_and_equals_the_one_node
     train_args = ["--config", recipe, f"logging.out_dir={out}", "checkpoint.interval=3",
                   f"engine.heartbeat_timeout_s={timeout_s}"]
     nodes = two_nodes(hostfile, log, *train_args)
-    nodes[0].wait_for_iteration(4)                             # after the checkpoint of iteration 3
+    nodes[0].wait_for_iteration(1)
     ranks = {r: rank_process(nodes[r // 2].proc.pid, rank=r) for r in range(4)}
+    nodes[0].wait_for_iteration(7)                             # after the checkpoint of iteration 6
     os.kill(nodes[1].proc.pid, signal.SIGKILL)
     killed = time.time()
     code = nodes[0].proc.wait(timeout=120)
@@ -198,12 +205,13 @@ def test_a_two_node_job_without_ssh_survives_a_lost_node_and_equals_the_one_node
     alive = [r for r, pid in ranks.items() if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     err = (tmp_path / "stderr.log").read_text()
     assert code != 0 and alive == [], (code, alive, err[-3000:])
+    print(f"node 0 ended {elapsed:.1f} s after node 1's launcher was killed (heartbeat timeout {timeout_s} s)")
     assert elapsed < timeout_s + 15, elapsed                  # the bound docs/scale_out.md states
     assert re.search(r"lost node 1 \(host [^,]+, rank\(s\) 2, 3\): no heartbeat for 10 s; stopping the job", err), err[-3000:]
 
     nodes = two_nodes(hostfile, log, *train_args)              # the same commands resume the job
     assert [n.finish() for n in nodes] == [0, 0], (tmp_path / "stderr.log").read_text()[-3000:]
-    assert f"iter_{3:08d} at iteration 3" in "".join(nodes[0].stdout)      # "resumed from ... at iteration 3"
+    assert re.search(r"resumed from \S+/iter_000000(06|09) at iteration", "".join(nodes[0].stdout))
     final = checkpoint.tag_for(max_iters)
     assert_same_tensors(checkpoint_tensors(out / "checkpoints" / final),
                         checkpoint_tensors(tmp_path / "one" / "checkpoints" / final))

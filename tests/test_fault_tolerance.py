@@ -131,18 +131,19 @@ def test_truncated_checkpoint_is_detected_and_skipped(world, corpus, tmp_path, c
         checkpoint.find_resume(cfg, report=lambda *a: None)
 
 
-def test_the_manifest_lists_rank_0s_view_of_the_folder(monkeypatch, tmp_path):
-    """On a shared filesystem another node's listing can lag behind the files just written:
-    every rank describes the files rank 0 lists, never its own listing."""
-    monkeypatch.setattr(checkpoint.dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(checkpoint.os, "listdir", lambda folder: ["mp_rank_00_model_states.pt"])   # stale view
-    sent = ["mp_rank_00_model_states.pt", "layer_0_expert_1_mp_rank_00_model_states.pt", "rng_state_rank1.pt"]
+def test_the_manifest_lists_every_file_that_any_rank_sees(monkeypatch, tmp_path):
+    """On a shared filesystem a node's listing can lag behind the files other nodes just wrote:
+    the manifest lists the union of every rank's view, the same on every rank."""
+    monkeypatch.setattr(checkpoint.dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(checkpoint.os, "listdir", lambda folder: ["mp_rank_00_model_states.pt"])   # this rank: stale
+    views = [["mp_rank_00_model_states.pt", "rng_state_rank0.pt"], ["mp_rank_00_model_states.pt"],
+             ["layer_0_expert_1_mp_rank_00_model_states.pt", "rng_state_rank2.pt"]]
 
-    def broadcast_object_list(objects, src):
-        assert src == 0 and objects == [None]
-        objects[0] = sent
-    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast_object_list)
-    assert checkpoint._listing(str(tmp_path)) == sent
+    def all_gather_object(out, mine):
+        assert mine == ["mp_rank_00_model_states.pt"] and len(out) == 3
+        out[:] = views
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    assert checkpoint._listing(str(tmp_path)) == sorted(set(views[0] + views[2]))
 
 
 def test_an_error_exit_destroys_the_process_group_before_the_interpreter_ends():

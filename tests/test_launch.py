@@ -379,3 +379,13 @@ def test_trainer_started_by_bare_srun_exits_2_and_writes_nothing(tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "task 0 of 2 that srun started without the launcher" in errors[0]
     assert "Traceback" not in done.stderr and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("text, fragment", [("#NCCL_DEBUG=INFO\n", "'#NCCL_DEBUG' is not a variable name"),
+                                            ("NCCL DEBUG=INFO\n", "'NCCL DEBUG' is not a variable name"),
+                                            ("NCCL_DEBUG\n", "expected KEY=VALUE")])
+def test_a_user_env_file_line_that_is_no_assignment_is_refused_by_file_and_line(tmp_path, text, fragment):
+    path = tmp_path / ".deepspeed_env"
+    path.write_text("OMP_NUM_THREADS=4\n" + text)
+    with pytest.raises(launch.LaunchError, match=f"{path}:2: .*{fragment}"):
+        launch.read_env_file(str(path))

@@ -53,7 +53,10 @@ def param_counts(cfg) -> ParamCounts:
 
 def grad_accum_dtype(cfg) -> str:
     """The gradient-accumulation dtype of the DeepSpeed config the trainer would build."""
+    import dataclasses
     from mose_ds.engine import deepspeed_config
+    # the batch geometry does not matter here, and a planned cluster is not this process's world
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=None))
     return deepspeed_config(cfg).get("data_types", {}).get("grad_accum_dtype", cfg.engine.precision)
 
 
