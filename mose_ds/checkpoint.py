@@ -122,9 +122,7 @@ def _listing(folder: str) -> list[str]:
     rank's own. On a shared filesystem a node's listing can lag (a file another node wrote a
     moment ago missing from it); each rank sees the files it wrote itself, so no written file
     is left out of the manifest. Collective."""
-    views = [None] * dist.get_world_size()
-    torch.distributed.all_gather_object(views, os.listdir(folder))
-    return sorted(set().union(*views))
+    return sorted(set().union(*_gather({dist.get_rank(): os.listdir(folder)}).values()))
 
 
 def _describe_files(folder: str, names: list[str]) -> dict:

@@ -164,6 +164,20 @@ def test_sigusr1_to_the_batch_script_checkpoints_requeues_and_the_resume_is_bitw
     assert_same_tensors(checkpoint_tensors(ckpts / final), checkpoint_tensors(tmp_path / "reference" / "checkpoints" / final))
 
 
+def test_the_relay_signals_rank_guards_only(monkeypatch):
+    """pdsh and DeepSpeed's per-node launcher name the guard module among their arguments too;
+    SIGUSR1 would kill them (they do not ignore it on a remote node), so only guards are found."""
+    import psutil
+    from mose_ds import preempt
+    lines = {1: ["pdsh", "-S", "-w", "a,b", "export X=1; python -u -m deepspeed.launcher.launch --module mose_ds.guard"],
+             2: ["/usr/bin/python3", "-u", "-m", "deepspeed.launcher.launch", "--module", "mose_ds.guard", "mose_ds.train"],
+             3: ["/venv/bin/python", "-u", "-m", "mose_ds.guard", "mose_ds.train", "--config", "r.yaml"],
+             4: ["/venv/bin/python", "-u", "-m", "mose_ds.train", "--config", "r.yaml"]}
+    fake = [type("P", (), {"pid": pid, "cmdline": lambda self, pid=pid: lines[pid]})() for pid in lines]
+    monkeypatch.setattr(psutil, "Process", lambda pid: type("Root", (), {"children": lambda self, recursive: fake})())
+    assert [p.pid for p in preempt.ranks_of(0)] == [3]
+
+
 # --------------------------------------------------------------------------- two nodes on loopback
 
 def node_args(hostfile, node: int, *train_args) -> list[str]:

@@ -135,13 +135,14 @@ def test_the_manifest_lists_every_file_that_any_rank_sees(monkeypatch, tmp_path)
     """On a shared filesystem a node's listing can lag behind the files other nodes just wrote:
     the manifest lists the union of every rank's view, the same on every rank."""
     monkeypatch.setattr(checkpoint.dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(checkpoint.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(checkpoint.os, "listdir", lambda folder: ["mp_rank_00_model_states.pt"])   # this rank: stale
     views = [["mp_rank_00_model_states.pt", "rng_state_rank0.pt"], ["mp_rank_00_model_states.pt"],
              ["layer_0_expert_1_mp_rank_00_model_states.pt", "rng_state_rank2.pt"]]
 
     def all_gather_object(out, mine):
-        assert mine == ["mp_rank_00_model_states.pt"] and len(out) == 3
-        out[:] = views
+        assert mine == {1: ["mp_rank_00_model_states.pt"]} and len(out) == 3
+        out[:] = [{r: view} for r, view in enumerate(views)]
     monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
     assert checkpoint._listing(str(tmp_path)) == sorted(set(views[0] + views[2]))
 

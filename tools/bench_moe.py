@@ -351,6 +351,17 @@ class CycledWidths:
         return w.repeat(p_TK.numel() // len(self.widths) + 1)[:p_TK.numel()].view(p_TK.shape)
 
 
+def layer_pass(layer, x, grad_out, width_policy):
+    """One forward and backward of an MoE layer, gradients cleared first: the call whose host
+    syncs and operations are counted."""
+    def run():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        out, info = layer(x, width_policy)
+        torch.autograd.backward([out, info.aux_loss], [grad_out, None])
+    return run
+
+
 def counted(fn, *device_tensors):
     """One call of fn under a host-sync and operation counter, after an uncounted warm-up, and
     on CUDA the syncs the device's own debug mode reports for one more call (else None)."""
@@ -388,13 +399,7 @@ def layer_counters(args, device, dtype) -> list[dict]:
             x, grad_out = inputs(small, COUNTER_SHAPE["tokens"], device, dtype)
             for name in names:
                 width_policy = CycledWidths() if name == "cycled" else policy(name)
-
-                def fn():
-                    x.grad = None
-                    layer.zero_grad(set_to_none=True)
-                    out, info = layer(x, width_policy)
-                    torch.autograd.backward([out, info.aux_loss], [grad_out, None])
-                c, cuda_syncs = counted(fn, x, grad_out, *layer.parameters())
+                c, cuda_syncs = counted(layer_pass(layer, x, grad_out, width_policy), x, grad_out, *layer.parameters())
                 rows.append({"experts": experts, "kernel": kernel, "policy": name, "syncs": c.syncs,
                              "cuda_syncs": cuda_syncs, "ops": c.ops_total, "sync_kinds": dict(c.by_kind)})
     return rows

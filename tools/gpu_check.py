@@ -49,7 +49,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 with contextlib.redirect_stdout(sys.stderr):     # stdout is for the check lines (DeepSpeed talks on import)
-    from bench_moe import PEAK_BF16_TFLOPS, counted, forward_flops, inputs, our_layer, stdout_to_stderr, step_fn
+    from bench_moe import (PEAK_BF16_TFLOPS, counted, forward_flops, inputs, layer_pass, our_layer, stdout_to_stderr,
+                           step_fn)
     from plan_memory import grad_accum_dtype, param_counts
 
     from mose_ds import measure
@@ -271,13 +272,7 @@ def check_host_syncs(ctx) -> dict:
         layer = build_moe(ctx.sizes.moe, kernel, drop).to(ctx.device, ctx.dtype)
         x, g = (t.to(ctx.device, ctx.dtype) for t in moe_inputs(ctx.sizes.moe))
         x.requires_grad_()
-
-        def step():
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            out, info = layer(x, policy)
-            torch.autograd.backward([out, info.aux_loss], [g, None])
-        counter, cuda_syncs = counted(step, x, g, *layer.parameters())
+        counter, cuda_syncs = counted(layer_pass(layer, x, g, policy), x, g, *layer.parameters())
         counts[name], where[name] = counter.syncs if cuda_syncs is None else cuda_syncs, dict(counter.where)
     how = "CUDA sync debug mode" if ctx.device.type == "cuda" else "HostSyncCounter"
     return result(all(n == 1 for n in counts.values()), f"{how}, per layer forward + backward (1 expected): "
