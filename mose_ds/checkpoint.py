@@ -1,7 +1,8 @@
 """Where a checkpoint is written, verified and read.
 
 A checkpoint is DeepSpeed's own (`save_checkpoint`: model states, ZeRO optimizer shards and
-one file per expert) plus, in the same tag folder, the resolved `config.yaml`, one
+one file per expert) plus, in the same tag folder, the resolved `config.yaml`, the
+tokenizer of the run's data (`tokenizer.write_record`: evaluation needs no data folder), one
 `rng_state_rank{r}.pt` per rank and, written last, `manifest.json`: the size and CRC-32 of
 every file, computed by all ranks in parallel after every rank has finished writing. A tag
 folder without a manifest, or whose files do not match it, is partial or damaged: resuming
@@ -36,6 +37,7 @@ from deepspeed import comm as dist
 from . import safe_load
 from .config import ConfigError, RunConfig, from_dict, save_config
 from .safe_load import CheckpointError   # defined beside the loader; callers import it from here
+from .tokenizer import write_record
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -82,6 +84,7 @@ def save(engine, cfg: RunConfig, state: TrainState) -> str:
     torch.save(_rng_state(), os.path.join(folder, f"rng_state_rank{rank}.pt"))
     if rank == 0:
         save_config(cfg, os.path.join(folder, "config.yaml"))
+        write_record(cfg.data.path, folder)
     dist.barrier()                              # every rank has written all its files
     files = _gather(_describe_files(folder, _listing(folder)))
     from .engine import expert_rank

@@ -45,10 +45,18 @@ def require_cuda(why: str) -> None:
                       "the CPU explicitly (engine.device=cpu / --device cpu)")
 
 
+def available() -> str:
+    """The devices this process can ask for, e.g. 'cpu, cuda, cuda:0, cuda:1'."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ", ".join(["cpu"] + (["cuda"] if count else []) + [f"cuda:{i}" for i in range(count)])
+
+
 def choose(requested: str | torch.device | None = "auto", why: str = "this run") -> torch.device:
     """The device for `requested`: 'cpu', 'cuda', 'cuda:N', or 'auto' / None
     (`MOSE_DS_DEVICE` if set, else CUDA when torch sees a device, else the CPU). 'cuda'
-    stays without an index: which GPU is the process's (its LOCAL_RANK, engine.init_distributed)."""
+    stays without an index: which GPU is the process's (its LOCAL_RANK, engine.init_distributed).
+    Every tool's `--device` and the lm-eval adapter's `device` come here; a device this
+    process cannot use is a one-line DeviceError naming it and what is available."""
     if requested in (None, "auto"):
         requested = os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -56,9 +64,10 @@ def choose(requested: str | torch.device | None = "auto", why: str = "this run")
     except RuntimeError:
         raise DeviceError(f"device {requested!r}: expected cpu, cuda or cuda:N") from None
     if device.type == "cuda":
-        require_cuda(f"{why} (device {requested})")
+        require_cuda(f"{why} (device {requested}; available here: {available()})")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {requested!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+            raise DeviceError(f"device {requested!r}: torch sees {torch.cuda.device_count()} CUDA device(s); "
+                              f"available: {available()}")
     elif device.type != "cpu":
         raise DeviceError(f"device {requested!r}: expected cpu, cuda or cuda:N")
     return device

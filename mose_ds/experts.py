@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_RANGES = 8     # hidden-unit ranges (product pairs) per expert call
+MAX_RANGES = 16    # hidden-unit ranges (product pairs) per expert call: one per width of the
+                   # 16-point training grid, so grid-rounded widths execute exactly their units
 RANGE_ALIGN = 64   # range ends fall on multiples of this many units (but the last), so the
                    # products' inner and outer sizes stay multiples of the GEMM kernels' tiles
 
@@ -227,6 +228,9 @@ class LoopKernel:
     zeroed. Work is each row's size rounded up to a range end: proportional to the executed
     widths, in a bounded number of products whatever the number of distinct widths."""
 
+    def __init__(self, max_ranges: int = MAX_RANGES):
+        self.max_ranges = max_ranges
+
     def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int, None]:
         outs, units = [], 0
         parts = rows.rows_per_expert()
@@ -239,7 +243,7 @@ class LoopKernel:
                 outs.append(expert(x_nD, m))
                 units += x_nD.shape[0] * m
                 continue
-            ranges = plan_ranges(sizes_U, counts_U, expert.ffn_hidden_size)
+            ranges = plan_ranges(sizes_U, counts_U, expert.ffn_hidden_size, self.max_ranges)
             outs.append(expert.ranged(x_nD, m_n, ranges))
             units += sum(n * (hi - lo) for lo, hi, n, _ in ranges)
         return torch.cat(outs), units, None

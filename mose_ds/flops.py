@@ -1,4 +1,13 @@
-"""FLOPs per token from the widths actually executed (DESIGN section 5, paper appendix B.2).
+"""FLOPs per token of a forward (DESIGN section 5, paper appendix B.2).
+
+Two counts of expert work:
+
+* **nominal** (the paper's count, used for frontiers and "FLOPs saved"): each kept slot at
+  m = ceil(w H) hidden units of the width w the policy deployed;
+* **executed**: the hidden units the kernels computed. A kernel runs an expert's rows in at
+  most `experts.MAX_RANGES` hidden-unit ranges and rounds each row up to its range's end, so
+  executed >= nominal; they are equal whenever an expert's rows have at most MAX_RANGES
+  distinct sizes (any policy whose widths are rounded to the 16-point training grid).
 
 Two conventions, both broken down into MoE / attention / other:
 
@@ -123,36 +132,46 @@ def two_pass_cost_ratio(model: ModelConfig, moe: MoEConfig, width: float) -> flo
 
 
 class FlopsMeter:
-    """Accumulates what forwards executed (`RoutingInfo.units` per MoE layer, tokens, context)
-    and reports token-averaged FLOPs in both conventions."""
+    """Accumulates what forwards ran (per MoE layer: `RoutingInfo.units` executed and
+    `RoutingInfo.nominal_units`, tokens, context) and reports token-averaged FLOPs in both
+    conventions, nominal or executed. Nominal units stay on the device until read."""
 
     def __init__(self, model: ModelConfig, moe: MoEConfig):
         self.model, self.moe = model, moe
         self.tokens = 0
         self.token_context = 0.0     # sum over forwards of T * S
         self.units: list[float] | None = None
+        self.nominal: list | None = None
 
     def add(self, routing: Sequence, seq_len: int) -> None:
         """One forward: its list of RoutingInfo (one per MoE layer) and its sequence length."""
         units = [float(r.units) for r in routing]
+        nominal = [r.nominal_units for r in routing]
         if self.units is None:
-            self.units = [0.0] * len(units)
+            self.units, self.nominal = [0.0] * len(units), [0] * len(units)
         tokens = routing[0].tokens if routing else 0
         self.units = [a + b for a, b in zip(self.units, units)]
+        self.nominal = [a + b for a, b in zip(self.nominal, nominal)]
         self.tokens += tokens
         self.token_context += tokens * seq_len
 
-    def per_token(self, convention: str = "standard") -> dict[str, float]:
+    def layer_units(self, executed: bool = False) -> list[float]:
+        """Expert hidden units per token of each MoE layer, nominal or executed."""
         if not self.tokens:
             raise ValueError("FlopsMeter: no forward recorded")
-        units = [u / self.tokens for u in self.units]
-        return flops_per_token(self.model, self.moe, units, self.token_context / self.tokens, convention)
+        return [float(u) / self.tokens for u in (self.units if executed else self.nominal)]
 
-    def mflops(self) -> dict[str, float]:
-        """Total MFLOPs per token in both conventions."""
-        return {c: self.per_token(c)["total"] / 1e6 for c in CONVENTIONS}
+    def per_token(self, convention: str = "standard", executed: bool = False) -> dict[str, float]:
+        return flops_per_token(self.model, self.moe, self.layer_units(executed),
+                               self.token_context / self.tokens, convention)
 
-    def mean_width(self) -> float:
-        """Executed expert hidden units (routed and any shared) over those of the model at full width."""
-        full = full_width_units(self.model, self.moe)
-        return sum(self.units) / (self.tokens * sum(full)) if self.tokens else float("nan")
+    def mflops(self, executed: bool = False) -> dict[str, float]:
+        """Total MFLOPs per token in both conventions, nominal (the paper's) or executed."""
+        return {c: self.per_token(c, executed)["total"] / 1e6 for c in CONVENTIONS}
+
+    def mean_width(self, executed: bool = False) -> float:
+        """Expert hidden units (routed and any shared; nominal or executed) over those of the
+        model at full width."""
+        if not self.tokens:
+            return float("nan")
+        return sum(self.layer_units(executed)) / sum(full_width_units(self.model, self.moe))

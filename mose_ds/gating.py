@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 
 
+BALANCES = ("topk", "batch", "sequence")
+
+
 @dataclass(frozen=True)
 class RouterSpec:
     """How router logits become combine weights and what the balance loss averages over.
@@ -22,13 +25,21 @@ class RouterSpec:
     `scores`: "topk_softmax" (the paper's GPT models: softmax over the k selected logits)
     or "softmax" (DeepSeek: softmax over all experts, then the k largest, renormalised only
     when `normalize`). The weights are then multiplied by `scale` (routed_scaling_factor).
-    `balance`: "batch" (Switch loss over all tokens of the forward) or "sequence" (DeepSeek's
-    sequence-level loss, per sequence then averaged).
+    `balance` (what the balance loss averages; `balance_loss`):
+    * "topk": nanoMoE's loss, the paper's base: f_e counts all k choices (sums to k) and P_e
+      is the top-k-masked softmax, so it equals k at perfect balance;
+    * "batch": DeepSeek-V2's batch-level loss (`seq_aux: false`): f_e normalised over the
+      T k choices (sums to 1), P_e over the full softmax; 1 at perfect balance;
+    * "sequence": DeepSeek-V2's sequence-level loss, per sequence then averaged.
     """
     scores: str = "topk_softmax"
     normalize: bool = True
     scale: float = 1.0
-    balance: str = "batch"
+    balance: str = "topk"
+
+    def __post_init__(self):
+        if self.balance not in BALANCES:
+            raise ValueError(f"unknown balance loss {self.balance!r}: expected one of {BALANCES}")
 
 
 def top_k_routing(logits_TE: torch.Tensor, k: int, spec: RouterSpec = RouterSpec()
@@ -77,14 +88,35 @@ def assign_slots(idx_TK: torch.Tensor, counts_E: torch.Tensor, capacity: int) ->
 
 
 def load_balance_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """Switch-style balance loss E * sum_e f_e * P_e; equals 1 at perfect balance.
+    """Switch-style balance loss E * sum_e f_e * P_e with f_e = (choices routed to e) / T.
 
-    f_e: fraction of routed choices sent to e (before capacity; `counts_E` from
-    `expert_counts`), P_e: mean router probability of e over all experts' softmax.
-    """
-    E = probs_TE.shape[-1]
-    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1)
+    f sums to k (nanoMoE, the paper's base, counts every one of the k choices of a token);
+    `probs_TE` is the per-expert probability the router gives (nanoMoE: the softmax over the
+    k selected logits, zero elsewhere, so P sums to 1), `counts_E` from `expert_counts`,
+    before capacity. At perfect balance f_e = k / E and P_e = 1 / E, so the loss is k: with
+    coefficient 0.01 it weighs what it weighs in nanoMoE. The gradient reaches the router
+    through P alone (f is a count)."""
+    T, E = probs_TE.shape
+    f_E = counts_E.to(probs_TE.dtype) / max(T, 1)
     return E * (f_E * probs_TE.mean(0)).sum()
+
+
+def topk_probs(p_TK: torch.Tensor, idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The top-k-masked softmax [T, E]: each token's k combine weights at their experts."""
+    return torch.zeros(p_TK.shape[0], num_experts, dtype=p_TK.dtype, device=p_TK.device).scatter(1, idx_TK, p_TK)
+
+
+def balance_loss(spec: RouterSpec, logits_TE: torch.Tensor, idx_TK: torch.Tensor, p_TK: torch.Tensor,
+                 counts_E: torch.Tensor, batch: int) -> torch.Tensor:
+    """The balance loss `spec.balance` names (RouterSpec) for one forward; tokens in [S, B]
+    order, `p_TK` the combine weights before `spec.scale`."""
+    E, K = logits_TE.shape[-1], idx_TK.shape[-1]
+    if spec.balance == "topk":
+        return load_balance_loss(topk_probs(p_TK, idx_TK, E), counts_E)
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    if spec.balance == "sequence":
+        return sequence_balance_loss(probs_TE, idx_TK, batch)
+    return load_balance_loss(probs_TE, counts_E) / K
 
 
 def sequence_balance_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor, batch: int) -> torch.Tensor:

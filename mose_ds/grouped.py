@@ -33,7 +33,8 @@ from typing import Sequence
 
 import torch
 
-from .experts import ExpertRows, SlimmableFFN, activate, activation_backward, plan_ends, zero_missing_units
+from .experts import (MAX_RANGES, ExpertRows, SlimmableFFN, activate, activation_backward, plan_ends,
+                      zero_missing_units)
 
 GRANULE = 8   # units: 16 bytes in bf16, 32 in fp32
 
@@ -68,9 +69,9 @@ class Layout:
     partial: list[bool]      # whether a bucket has rows narrower than its end (units to zero)
 
 
-def plan_layout(rows: ExpertRows, hidden: int) -> Layout:
-    """The layout of `rows`, planned on the host from their (expert, size) histogram; the
-    device only sorts rows by (bucket, expert)."""
+def plan_layout(rows: ExpertRows, hidden: int, max_ranges: int = MAX_RANGES) -> Layout:
+    """The layout of `rows` in at most `max_ranges` buckets, planned on the host from their
+    (expert, size) histogram; the device only sorts rows by (bucket, expert)."""
     counts_LM, device = rows.counts_LM, rows.m_N.device
     L = counts_LM.shape[0]
     hist_M = counts_LM.sum(0)                                              # rows per size
@@ -78,7 +79,7 @@ def plan_layout(rows: ExpertRows, hidden: int) -> Layout:
     grid_U = (sizes_U + GRANULE - 1) // GRANULE * GRANULE                # <= hidden (a multiple)
     grid_G, slot_U = torch.unique(grid_U, return_inverse=True)
     ends_J = plan_ends(grid_G, torch.zeros_like(grid_G).index_add_(0, slot_U, hist_M[sizes_U]), hidden,
-                       granule=GRANULE)                                   # ascending
+                       max_ranges, granule=GRANULE)                       # ascending
     J = len(ends_J)
     bucket_U = torch.searchsorted(ends_J, sizes_U)                       # first end >= size
     count_JL = torch.zeros(J, L, dtype=counts_LM.dtype).index_add_(0, bucket_U, counts_LM[:, sizes_U].t())
@@ -133,9 +134,12 @@ def _strided_stack(ws: Sequence[torch.Tensor]) -> torch.Tensor | None:
 class GroupedKernel:
     """The expert kernel of `moe.expert_kernel: grouped` (module docstring)."""
 
+    def __init__(self, max_ranges: int = MAX_RANGES):
+        self.max_ranges = max_ranges
+
     def __call__(self, experts: Sequence[SlimmableFFN], rows: ExpertRows) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Outputs in the layout's order (bucket by bucket, expert by expert)."""
-        layout = plan_layout(rows, experts[0].ffn_hidden_size)
+        layout = plan_layout(rows, experts[0].ffn_hidden_size, self.max_ranges)
         weights = [e.w_up for e in experts] + [e.w_down for e in experts]
         if experts[0].activation == "swiglu":
             weights += [e.w_gate for e in experts]

@@ -145,9 +145,11 @@ def split_batches(folder: str, split: str, cfg: RunConfig, batch_size: int, limi
 class EvalResult:
     loss: float
     ppl: float
-    mflops: dict[str, float]          # {"paper": x, "standard": y} per token
-    breakdown: dict[str, float]       # standard-convention MFLOPs per token by category
-    mean_width: float                 # executed units / units of k full-width slots
+    mflops: dict[str, float]          # {"paper": x, "standard": y} per token, nominal (sum ceil(w H))
+    mflops_executed: dict[str, float]  # the same with the units the kernels computed
+    breakdown: dict[str, float]       # standard-convention nominal MFLOPs per token by category
+    mean_width: float                 # nominal units / units of k full-width slots
+    executed_width: float             # executed units / units of k full-width slots
     counts: list[list[float]]         # expert-selection histogram per MoE layer (before capacity)
     dropped: float                    # fraction of routed choices dropped for capacity
     tokens: int
@@ -174,6 +176,6 @@ def evaluate_policy(model: MoSEGPT, batches: Iterable[tuple[torch.Tensor, torch.
         raise ValueError("no evaluation batch (the data is shorter than one batch)")
     loss = loss_sum / n
     standard = meter.per_token("standard")
-    return EvalResult(loss, math.exp(loss), meter.mflops(),
+    return EvalResult(loss, math.exp(loss), meter.mflops(), meter.mflops(executed=True),
                       {k: v / 1e6 for k, v in standard.items() if k != "total"}, meter.mean_width(),
-                      [c.tolist() for c in counts or []], dropped / n, n)
+                      meter.mean_width(executed=True), [c.tolist() for c in counts or []], dropped / n, n)

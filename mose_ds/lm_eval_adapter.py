@@ -7,14 +7,20 @@
 
 (or `import mose_ds.lm_eval_adapter` before calling `lm_eval.simple_evaluate(model="mose", ...)`).
 
-`--model_args` keys: `checkpoint` (a run folder, checkpoint root or tag folder), `data` (the
-prepared data folder whose codec the model was trained with; default the checkpoint
-config's `data.path`), `top_k` (route to k' <= k experts), `device`, and the width policy:
+`--model_args` keys: `checkpoint` (a run folder, checkpoint root or tag folder), `data` (a
+prepared data folder, checked against the tokenizer the checkpoint records; only needed for
+a checkpoint that predates the record and whose training data folder is elsewhere), `top_k`
+(route to k' <= k experts), `device` (default: CUDA when torch sees it, else the CPU, as the
+harness's own HF model chooses; lm-eval's `--device` does the same), and the width policy:
 `policy=full` (the default), `policy=uniform` with `width`, `policy=normprob` with `budget`
 (and optionally `gamma`, default 1, and `exact_budget=true`), or `policy=gamma` with `budget`,
 `table` (a gamma table from tools/calibrate_gamma.py for this checkpoint) and `gamma_mode`
 (`layerwise`, the default, or `shared`). All scoring goes through `mose_ds.scoring.Scorer`, one sequence per forward,
 so the harness's `batch_size` is accepted and ignored.
+
+Run as a module, the harness's CLI is used with one change: a run that names no device gets
+`auto` (lm-eval's CLI would pass its default `cuda:0`, which a CPU-only machine lacks), and
+a bad checkpoint, device, tokenizer or policy is a one-line error.
 """
 
 from __future__ import annotations
@@ -25,15 +31,19 @@ try:
 except ImportError as e:   # the adapter is an optional extra
     raise ImportError("mose_ds.lm_eval_adapter needs lm-evaluation-harness: pip install -e .[eval]") from e
 
+import sys
 from typing import Any
 
+import yaml
 from tqdm import tqdm
 
-from .config import RunConfig
+from . import devices
+from .checkpoint import CheckpointError
+from .config import ConfigError, RunConfig
 from .model import MoSEGPT
 from .policies import PolicyError, PolicySpec, build_policy
 from .scoring import Scorer
-from .tokenizer import TextCodec
+from .tokenizer import TextCodec, TokenizerError
 from .widths import FULL_WIDTH, NormProbPolicy, UniformPolicy, WidthPolicy
 
 DEFAULT_MAX_GEN_TOKS = 256
@@ -91,11 +101,11 @@ class MoSELM(LM):
             loaded = load_model(str(checkpoint), top_k=None if top_k is None else int(top_k),
                                 device=device or "auto")
             model, cfg, self.identity = loaded.model, loaded.cfg, loaded.identity
-            codec = codec or TextCodec.for_data(str(data or cfg.data.path))
+            codec = codec or TextCodec.for_checkpoint(loaded.folder, None if data is None else str(data))
         elif codec is None or top_k is not None:
             raise ValueError("an in-memory model takes its codec (codec=TextCodec(...)) and no top_k")
         elif device is not None:
-            model.to(device)
+            model.to(devices.choose(device, why="the mose model"))
         policy = width_policy or _policy_from_args(args, cfg, self.identity)
         self.scorer = Scorer(model, codec, policy)
         self.max_gen_toks = int(max_gen_toks)
@@ -106,10 +116,12 @@ class MoSELM(LM):
         return self.scorer.codec
 
     def get_model_info(self) -> dict:
-        """Recorded in the harness's results: which weights, and the compute the policy executed."""
+        """Recorded in the harness's results: which weights, and the compute of the policy
+        (nominal: the paper's count of the deployed widths; executed: what the kernels ran)."""
         meter = self.scorer.meter
         return {"mose_checkpoint": self.identity,
                 "mose_mflops_per_token": meter.mflops() if meter.tokens else None,
+                "mose_mflops_per_token_executed": meter.mflops(executed=True) if meter.tokens else None,
                 "mose_mean_width": meter.mean_width() if meter.tokens else None}
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -141,7 +153,39 @@ class MoSELM(LM):
         return text
 
 
+def _names_device(args) -> bool:
+    """Whether a harness run names a device: `--device`, or `device:` in its `--config` file."""
+    if args.device:
+        return True
+    if not getattr(args, "config", None):
+        return False
+    try:
+        with open(args.config) as f:
+            return "device" in (yaml.safe_load(f) or {})
+    except (OSError, yaml.YAMLError, TypeError):     # the harness reports a bad config file itself
+        return False
+
+
+def parse_cli():
+    """(the harness's CLI, its parsed sys.argv), a run that names no device set to `auto`."""
+    from lm_eval._cli import HarnessCLI
+    cli = HarnessCLI()
+    args = cli.parse_args()
+    if getattr(args, "command", None) == "run" and not _names_device(args):
+        args.device = "auto"
+    return cli, args
+
+
+def main() -> None:
+    """`python -m mose_ds.lm_eval_adapter --model mose ...`: the harness's CLI with `mose` registered."""
+    from lm_eval.utils import setup_logging
+    setup_logging()
+    cli, args = parse_cli()
+    try:
+        cli.execute(args)
+    except (CheckpointError, ConfigError, devices.DeviceError, PolicyError, TokenizerError) as e:
+        sys.exit(f"lm_eval_adapter: error: {e}")
+
+
 if __name__ == "__main__":
-    # `python -m mose_ds.lm_eval_adapter --model mose ...`: the harness's CLI with `mose` registered.
-    from lm_eval.__main__ import cli_evaluate
-    cli_evaluate()
+    main()

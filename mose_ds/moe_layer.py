@@ -35,8 +35,8 @@ from . import grouped
 from .config import MoEConfig
 from .dispatch import AllToAllDispatcher, LocalDispatcher, sort_slots
 from .experts import ExpertKernel, ExpertRows, LoopKernel, RelaxedKernel, SlimmableFFN, inverse, permute_rows
-from .gating import (RouterSpec, RoutingStats, assign_slots, expert_capacity, expert_counts, load_balance_loss,
-                     router_z_loss, routing_stats, sequence_balance_loss, top_k_routing)
+from .gating import (RouterSpec, RoutingStats, assign_slots, balance_loss, expert_capacity, expert_counts,
+                     router_z_loss, routing_stats, top_k_routing)
 from .widths import WidthPolicy, hidden_units
 
 
@@ -66,8 +66,10 @@ class RoutingInfo:
     and detached diagnostics. Returned explicitly, never stashed on the module."""
     aux_loss: torch.Tensor
     stats: RoutingStats
-    mean_width: torch.Tensor      # mean width over all routed slots (kept or dropped)
-    units: float                  # hidden units this rank executed (FLOPs accounting)
+    nominal_units: torch.Tensor   # the paper's count for this rank's tokens: sum over their kept
+                                  # slots of ceil(w H), plus the shared experts' units (device)
+    units: float                  # hidden units this rank's kernels executed (each size rounded up
+                                  # to a range end, so at least the nominal units with EP = 1)
     tokens: int                   # T, the tokens this forward routed
 
 
@@ -154,8 +156,8 @@ class SlimmableMoE(MoE):
         if self.shared_ffn is not None:
             shared_TD, shared_units = self._run_shared(x_TD, shared_sort, plan.also)
             out_TD, units = out_TD + shared_TD, units + shared_units
-        mean_width = (m_TK.float() / self.ffn_hidden_size).mean()
-        return out_TD.view(S, B, D), RoutingInfo(route.aux_loss, route.stats, mean_width, float(units), S * B)
+        nominal = (m_TK * route.keep_TK).sum() + self._shared_nominal(w_TK)
+        return out_TD.view(S, B, D), RoutingInfo(route.aux_loss, route.stats, nominal, float(units), S * B)
 
     def route(self, x_TD: torch.Tensor, batch: int) -> Route:
         """fp32 logits, top-k and combine weights (RouterSpec), capacity slots (top-1 choices
@@ -163,10 +165,8 @@ class SlimmableMoE(MoE):
         T, E, K = x_TD.shape[0], self.num_experts, self.k
         logits_TE = self.router(x_TD)
         idx_TK, p_TK = top_k_routing(logits_TE, K, self.router_spec)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
         counts_E = expert_counts(idx_TK, E)
-        lb = sequence_balance_loss(probs_TE, idx_TK, batch) if self.router_spec.balance == "sequence" \
-            else load_balance_loss(probs_TE, counts_E)
+        lb = balance_loss(self.router_spec, logits_TE, idx_TK, p_TK / self.router_spec.scale, counts_E, batch)
         z = router_z_loss(logits_TE)
         if self.moe.drop_tokens:
             factor = self.moe.capacity_factor if self.training else self.moe.eval_capacity_factor
@@ -186,6 +186,16 @@ class SlimmableMoE(MoE):
         m_T1 = hidden_units(w_TK.detach().mean(dim=-1, keepdim=True), H, self.moe.width_quantum)
         zeros_T1 = torch.zeros_like(m_T1)
         return sort_slots(zeros_T1, m_T1, torch.ones_like(m_T1, dtype=torch.bool), 1, H)
+
+    def _shared_nominal(self, w_TK: torch.Tensor) -> torch.Tensor | int:
+        """The shared experts' units in the paper's count: every token at full width, or
+        (moe.shared_slimmable) at ceil of its routed experts' mean width times H."""
+        if self.shared_ffn is None:
+            return 0
+        H = self.shared_ffn.ffn_hidden_size
+        if not self.moe.shared_slimmable:
+            return w_TK.shape[0] * H
+        return hidden_units(w_TK.detach().mean(dim=-1), H, self.moe.width_quantum).sum()
 
     def _run_shared(self, x_TD: torch.Tensor, shared_sort, host: list) -> tuple[torch.Tensor, int]:
         """The shared experts on every token: at full width, or (moe.shared_slimmable) each

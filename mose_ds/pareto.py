@@ -68,3 +68,20 @@ def flops_reduction(points: Sequence[Point], reference: Sequence[Point]) -> list
         if f is not None:
             out.append((ppl, 1.0 - f / ref_flops))
     return out
+
+
+def against(points: dict[str, list[Point]], reference: str) -> dict[str, dict]:
+    """Each router-conditioned mode of a sweep (`points`: mode -> its points) against the
+    frontier of mode `reference`: how many of its points lie below / above it and the compute
+    it saves at matched perplexity. The uniform frontier is closed by full width (w = 1);
+    the full-width point and the MoE baseline are not compared."""
+    ref = points.get(reference, []) + (points.get("full", []) if reference == "uniform" else [])
+    out = {}
+    for mode, pts in points.items():
+        if mode in ("full", "uniform", "moe", reference) or not ref:
+            continue
+        flags = below(pts, ref)
+        out[mode] = {"below": sum(f is True for f in flags), "above": sum(f is False for f in flags),
+                     "not_comparable": sum(f is None for f in flags),
+                     "flops_reduction_at_matched_ppl": flops_reduction(pts, ref)}
+    return out

@@ -28,8 +28,10 @@ class PolicyError(ValueError):
 
 
 def default_budgets(k: int) -> list[float]:
-    """Five budgets evenly spread over [k * 0.25, k * 0.75]: the range where widths matter."""
-    return [round(k * f, 4) for f in (0.25, 0.375, 0.5, 0.625, 0.75)]
+    """Five budgets evenly spread over [k * 0.25, k * 0.75], the range where widths matter,
+    and the full budget Gamma = k (the paper's Table 1 operating point: learned gamma spends
+    at most what MoE at full width does)."""
+    return [round(k * f, 4) for f in (0.25, 0.375, 0.5, 0.625, 0.75, 1.0)]
 
 
 def check_budgets(budgets, k: int) -> None:

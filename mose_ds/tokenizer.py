@@ -6,13 +6,24 @@ without any network access. The byte tokenizer needs no files at all and encodes
 An HF model directory's `tokenizer.json` (DeepSeek-V2 does not use GPT-2 BPE) runs through
 the `tokenizers` library; a prepared folder keeps a copy, so its data never depends on where
 the model directory was.
+
+Every checkpoint carries its tokenizer (`write_record`: `mose_tokenizer.json` plus the
+`tokenizer.json` / `vocab.npy` it needs), so evaluation never has to find the training data
+folder, and never guesses: token ids of another tokenizer give a model meaningless scores
+(or an embedding index error) without any other sign. `TextCodec.for_checkpoint` is the one
+way every tool turns text into a checkpoint's ids, and refuses a data folder whose
+tokenizer differs.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
+import json
 import os
+import shutil
+import sys
 
 import numpy as np
 import tiktoken
@@ -137,15 +148,43 @@ class TextCodec:
         self.encoded = 0
 
     @classmethod
-    def for_data(cls, folder: str) -> "TextCodec":
-        """The codec of a folder written by `tools/prepare_data.py`; plain GPT-2 for anything
-        else (a model evaluated on raw text it was not prepared with)."""
-        from .data import read_meta
-        if not os.path.isdir(folder):
-            return cls()
-        meta = read_meta(folder)
+    def for_folder(cls, folder: str, meta: dict) -> "TextCodec":
+        """The codec a folder's `meta` (a data folder's meta.json or a stored record) names."""
         vocab = np.load(os.path.join(folder, meta["compact_vocab"])) if meta.get("compact_vocab") else None
         return cls(vocab, meta.get("tokenizer", "gpt2"), folder, meta.get("base_eot_id"))
+
+    @classmethod
+    def for_data(cls, folder: str) -> "TextCodec":
+        """The codec of a folder written by `tools/prepare_data.py` (a missing folder is a
+        ConfigError, never a guess)."""
+        from .data import read_meta
+        return cls.for_folder(folder, read_meta(folder))
+
+    @classmethod
+    def for_checkpoint(cls, folder: str, data: str | None = None, report=None) -> "TextCodec":
+        """The codec a checkpoint tag folder was trained with: its stored record. `data`, a
+        data folder the caller will also read, must hold ids of the same tokenizer (else
+        TokenizerError naming both).
+
+        A checkpoint written before checkpoints carried a record uses the tokenizer of `data`,
+        else of its training config's `data.path` when that folder exists, and `report`s
+        which (stderr by default); with neither it is a TokenizerError saying what to pass."""
+        report = report or (lambda msg: print(msg, file=sys.stderr))
+        record = read_record(folder)
+        if data is not None:
+            check_data(folder, data)
+        if record is not None:
+            return cls.for_folder(folder, record)
+        if data is None:
+            from .checkpoint import checkpoint_config
+            data = checkpoint_config(folder).data.path
+            if not os.path.isdir(data):
+                raise TokenizerError(f"checkpoint {folder} records no tokenizer (it predates {RECORD_FILE}) and "
+                                     f"its training data folder {os.path.abspath(data)} is absent; pass the "
+                                     "prepared data folder it was trained on (--data DIR, or data=DIR)")
+        report(f"note: checkpoint {folder} records no tokenizer (it predates {RECORD_FILE}); "
+               f"using the tokenizer of data folder {os.path.abspath(data)}")
+        return cls.for_data(data)
 
     def encode(self, text: str) -> list[int]:
         ids = self.base.encode_ordinary(text)
@@ -160,3 +199,107 @@ class TextCodec:
         if self.vocab is not None:
             ids = [int(self.vocab[i]) if i < len(self.vocab) else self.base.eot_token for i in ids]
         return self.base.decode(ids)
+
+
+# ---------------------------------------------------------------------------------------
+# The record of a model's tokenizer, written into every checkpoint and export.
+
+RECORD_FILE = "mose_tokenizer.json"
+VOCAB_FILE = "vocab.npy"
+_IDENTITY = ("tokenizer", "files_sha256", "base_eot_id", "compact_vocab_sha256")
+
+
+class TokenizerError(ValueError):
+    """A checkpoint's tokenizer is unknown here, or differs from a data folder's: one line."""
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file, read in chunks (a DeepSeek tokenizer.json is megabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_of(folder: str, meta: dict) -> dict:
+    """What fixes the ids a folder's text becomes, from its `meta` (a data folder's meta.json
+    or a stored record) and its files: the kind, the sha256 of the base tokenizer's files
+    (GPT-2's are fixed: tiktoken checks them at load), the base end-of-text id, and the
+    compact vocabulary map (size and sha256 of its ids as int64, whatever their dtype)."""
+    kind = meta.get("tokenizer", "gpt2")
+    if kind == "gpt2":
+        files, eot = {"vocab.bpe": _MERGES_SHA256, "encoder.json": _ENCODER_SHA256}, EOT_ID
+    elif kind == "bytes":
+        files, eot = {}, ByteTokenizer.eot_token
+    else:
+        files = {HF_TOKENIZER_FILE: file_sha256(os.path.join(folder, HF_TOKENIZER_FILE))}
+        eot = meta.get("base_eot_id")
+    record = {"tokenizer": kind, "files_sha256": files, "base_eot_id": eot, "compact_vocab_sha256": None}
+    if meta.get("compact_vocab"):
+        vocab = np.load(os.path.join(folder, meta["compact_vocab"])).astype(np.int64)
+        record.update(compact_vocab=meta["compact_vocab"], compact_vocab_size=len(vocab),
+                      compact_vocab_sha256=hashlib.sha256(vocab.tobytes()).hexdigest())
+    return record
+
+
+def identity(record: dict) -> dict:
+    """The fields two records must share for the same text to give the same ids."""
+    return {k: record.get(k) for k in _IDENTITY}
+
+
+def describe(record: dict) -> str:
+    """A record in a few words, for error messages."""
+    kind = record["tokenizer"]
+    text = {"gpt2": "GPT-2 BPE", "bytes": "UTF-8 bytes"}.get(kind) or (
+        f"{kind} sha256 {record['files_sha256'][HF_TOKENIZER_FILE][:12]} (end-of-text id {record['base_eot_id']})")
+    if record.get("compact_vocab_sha256"):
+        text += (f" with a compact vocabulary of {record['compact_vocab_size']} ids "
+                 f"(sha256 {record['compact_vocab_sha256'][:12]})")
+    return text
+
+
+def write_record(data: str, out: str) -> list[str]:
+    """Copy the tokenizer of prepared data folder `data` into folder `out`: its
+    `tokenizer.json` and compact vocabulary map when it has them, and last `mose_tokenizer.json`
+    (the record, plus where it came from). Returns the names written."""
+    from .data import read_meta
+    record = record_of(data, read_meta(data))
+    names = []
+    if record["tokenizer"] == HF_TOKENIZER_FILE:
+        shutil.copyfile(os.path.join(data, HF_TOKENIZER_FILE), os.path.join(out, HF_TOKENIZER_FILE))
+        names.append(HF_TOKENIZER_FILE)
+    if record.get("compact_vocab"):
+        shutil.copyfile(os.path.join(data, record["compact_vocab"]), os.path.join(out, VOCAB_FILE))
+        record["compact_vocab"] = VOCAB_FILE
+        names.append(VOCAB_FILE)
+    with open(os.path.join(out, RECORD_FILE), "w") as f:
+        json.dump({**record, "source": os.path.abspath(data)}, f, indent=1)
+    return names + [RECORD_FILE]
+
+
+def check_data(checkpoint: str, data: str) -> None:
+    """Refuse prepared data folder `data` (TokenizerError naming both) unless its ids are of the
+    tokenizer checkpoint folder `checkpoint` records; a checkpoint without a record has
+    nothing to compare."""
+    from .data import read_meta
+    record, data_record = read_record(checkpoint), record_of(data, read_meta(data))
+    if record is not None and identity(data_record) != identity(record):
+        raise TokenizerError(f"data folder {data} holds ids of {describe(data_record)}, but checkpoint "
+                             f"{checkpoint} was trained with {describe(record)}")
+
+
+def read_record(folder: str) -> dict | None:
+    """A folder's stored record (None when it has none), checked against the files beside it."""
+    path = os.path.join(folder, RECORD_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        found = record_of(folder, record)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TokenizerError(f"{path}: unreadable tokenizer record ({type(e).__name__}: {e})") from None
+    if identity(found) != identity(record):
+        raise TokenizerError(f"{path}: the tokenizer files in {folder} do not match it (damaged or replaced)")
+    return record

@@ -110,6 +110,24 @@ def corpus(tmp_path_factory) -> str:
     return str(out)
 
 
+GPT2_FILES = os.path.join(ROOT, "..", "shared", "data", "tokenizer", "gpt2")
+
+
+def gpt2_model_dir(folder) -> str:
+    """A model directory whose tokenizer.json is GPT-2's (built from the shared vocab/merges)
+    and whose config.json names GPT-2's end-of-text id: what an HF model directory holds."""
+    import json
+    from tokenizers import ByteLevelBPETokenizer
+    from mose_ds.tokenizer import EOT_ID
+    os.makedirs(folder, exist_ok=True)
+    tok = ByteLevelBPETokenizer(os.path.join(GPT2_FILES, "vocab.json"), os.path.join(GPT2_FILES, "merges.txt"))
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"eos_token_id": EOT_ID}, f)
+    return str(folder)
+
+
 def load_tool(name: str):
     """A script of tools/ as a module, so tests call its main(argv) in this process."""
     import importlib.util

@@ -17,17 +17,21 @@ def test_layer_and_step_report_every_variant(world, bench):
                              "--step-widths", "0.5"])
     result = bench.run(args)
     rows = {r["variant"]: r for r in result["layer"]}
-    assert set(rows) == {"deepspeed", "full", "uniform_0.25", "normprob_1", "masked_1",
+    assert set(rows) == {"deepspeed", "full", "uniform_0.25", "normprob_1", "masked_1", "ranges8_normprob_1",
                          "grouped_full", "grouped_normprob_1"}           # (f): the other expert kernel
     assert result["kernels"] == {"kernel": "loop", "other": "grouped"}
     assert all(r["seconds"] > 0 for r in rows.values())
     assert rows["grouped_full"]["executed_width"] == 1.0 and rows["grouped_full"]["flops_ratio"] == 1.0
-    assert rows["grouped_normprob_1"]["policy_width"] == rows["normprob_1"]["policy_width"]
+    assert rows["grouped_normprob_1"]["nominal_width"] == rows["normprob_1"]["nominal_width"]
     assert rows["grouped_normprob_1"]["vs_kernel"] > 0 and "target" not in rows["grouped_normprob_1"]
     # counted FLOPs follow the executed widths (the router adds a little); masking runs everything
     assert rows["uniform_0.25"]["executed_width"] == 0.25
     assert 0.25 < rows["uniform_0.25"]["flops_ratio"] < 0.27
     assert rows["normprob_1"]["executed_width"] < 0.9
+    # grid-rounded widths: 16 ranges execute exactly the nominal units, 8 may round rows up
+    assert rows["normprob_1"]["executed_width"] == pytest.approx(rows["normprob_1"]["nominal_width"], abs=1e-12)
+    assert rows["ranges8_normprob_1"]["executed_width"] >= rows["normprob_1"]["executed_width"]
+    assert rows["ranges8_normprob_1"]["vs_kernel"] > 0
     assert rows["normprob_1"]["flops_ratio"] == pytest.approx(rows["normprob_1"]["executed_width"], abs=0.02)
     assert rows["masked_1"]["flops_ratio"] == 1.0 and rows["masked_1"]["executed_width"] == 1.0
     assert rows["deepspeed"]["flops_ratio"] > 1.0     # its dense dispatch einsums count too

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, clean_env, load_tool
+from conftest import ROOT, clean_env, gpt2_model_dir, load_tool
 from mose_ds.config import ConfigError
 from mose_ds.data import TokenSplit, micro_batch, train_window_ids
 from mose_ds.tokenizer import EOT_ID, gpt2
@@ -210,20 +210,14 @@ def test_byte_tokenizer_prepares_and_round_trips(tmp_path):
     assert TextCodec(tokenizer="bytes").encode("é") == [0xC3, 0xA9]
 
 
-GPT2_FILES = os.path.join(ROOT, "..", "shared", "data", "tokenizer", "gpt2")
 
 
 def test_an_hf_tokenizer_json_prepares_data_with_its_own_ids(tmp_path):
     """A model directory's tokenizer.json (here GPT-2's, built from the shared vocab/merges)
     gives exactly the ids of our GPT-2 tokenizer, and the folder keeps its own copy."""
-    from tokenizers import ByteLevelBPETokenizer
     from mose_ds.tokenizer import TextCodec
     model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    tok = ByteLevelBPETokenizer(os.path.join(GPT2_FILES, "vocab.json"), os.path.join(GPT2_FILES, "merges.txt"))
-    tok.add_special_tokens(["<|endoftext|>"])
-    tok.save(str(model_dir / "tokenizer.json"))
-    (model_dir / "config.json").write_text(json.dumps({"eos_token_id": EOT_ID}))
+    gpt2_model_dir(model_dir)
     text = tmp_path / "t.txt"
     text.write_text("Slimmable experts, 0.25x! " * 50 + "\nNaïve café.\n")
     out = tmp_path / "hf"

@@ -266,6 +266,9 @@ def test_cpt_from_converted_weights_resumes_exactly_and_exports(converted, corpu
     assert torch.equal(flat_a, flat_b)
 
     assert export(tmp_path / "straight", tmp_path / "hf-cpt") == 0
+    from mose_ds.tokenizer import TextCodec       # the corpus's tokenizer: GPT-2 with a compact vocabulary
+    exported_codec = TextCodec.for_checkpoint(str(tmp_path / "hf-cpt"))
+    assert exported_codec.encode("To be") == TextCodec.for_data(corpus).encode("To be")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-cpt").eval()
     loaded = load_model(str(tmp_path / "straight"))
     ours = MoSEGPT(loaded.cfg.model, dataclasses.replace(loaded.cfg.moe, drop_tokens=False)).eval()

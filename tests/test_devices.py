@@ -22,6 +22,18 @@ def test_choose_follows_the_request_then_the_environment(monkeypatch):
         devices.choose("tpu")
 
 
+def test_auto_on_a_gpu_host_takes_cuda_and_a_missing_gpu_names_what_is_available(monkeypatch):
+    """What tests/fake_cuda makes torch report: two CUDA devices."""
+    monkeypatch.delenv(devices.ENV_DEVICE, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert devices.choose(None) == devices.choose("auto") == torch.device("cuda")
+    assert devices.choose("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(devices.DeviceError) as error:
+        devices.choose("cuda:2")
+    assert str(error.value) == "device 'cuda:2': torch sees 2 CUDA device(s); available: cpu, cuda, cuda:0, cuda:1"
+
+
 @no_cuda
 def test_cuda_without_cuda_names_torch_build_and_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
@@ -29,6 +41,7 @@ def test_cuda_without_cuda_names_torch_build_and_devices(monkeypatch):
         devices.choose("cuda", why="training")
     message = str(error.value)
     assert "\n" not in message and f"torch {torch.__version__}" in message and "sees no CUDA device" in message
+    assert "(device cuda; available here: cpu)" in message
     assert "CUDA_VISIBLE_DEVICES='0,1'" in message and "engine.device=cpu" in message
 
 

@@ -174,3 +174,33 @@ def test_one_host_sync_per_layer_forward_and_backward(world, kernel, experts):
     with counter:
         forward_backward(layer, x, policy)
     assert counter.syncs == 1, dict(counter.where)
+
+
+@pytest.mark.parametrize("factors", [None, (1.0, 1.5)], ids=["paper-defaults", "set"])
+def test_training_uses_capacity_factor_and_eval_the_eval_capacity_factor(world, factors):
+    """Every token picks experts 0 and 1 (16 choices each): a mode keeps min(16, capacity)
+    of each, capacity = ceil(k * factor * T / E) with moe.capacity_factor in training and
+    moe.eval_capacity_factor in eval (paper, k = 2: 1.25 and 2.0)."""
+    import math
+    moe = {} if factors is None else {"capacity_factor": factors[0], "eval_capacity_factor": factors[1]}
+    cfg = tiny_config(moe=moe)
+    train_cf, eval_cf = factors or (1.25, 2.0)
+    assert (cfg.moe.capacity_factor, cfg.moe.eval_capacity_factor, cfg.moe.min_capacity) == (train_cf, eval_cf, 4)
+    layer = SlimmableMoE(transformer_config(cfg.model), cfg.moe, cfg.model.ffn_hidden_size, "gelu", layer_index=0)
+    layer.set_deepspeed_parallelism()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
+        layer.router.weight.copy_(torch.tensor([1.0, 0.9, 0.8, -1.0]).unsqueeze(1).expand(4, 32))
+    x = torch.rand(8, 2, 32, generator=torch.Generator().manual_seed(1)) + 0.1   # T = 16, all positive
+    T, E, K = 16, 4, 2
+    kept = {}
+    for mode, factor in (("train", train_cf), ("eval", eval_cf)):
+        getattr(layer, mode)()
+        _, info = layer(x, UniformPolicy(1.0))
+        assert info.stats.counts_E.tolist() == [16, 16, 0, 0]
+        capacity = min(T, math.ceil(K * factor * T / E))
+        kept[mode] = int(info.stats.kept)
+        assert kept[mode] == 2 * min(16, capacity), mode
+    # the paper's factors: capacity 10 drops tokens in training, 16 none in eval
+    assert kept == ({"train": 20, "eval": 32} if factors is None else {"train": 16, "eval": 24})

@@ -4,6 +4,7 @@ direct computation from a tiny model's logits, and the lm-eval adapter."""
 import bz2
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -275,7 +276,10 @@ def test_requests_and_windows_match_lm_eval_helpers(tiny):
 # ---------------------------------------------------------------------------------------
 # The lm-eval adapter.
 
-def test_lm_eval_adapter_matches_scorer(tiny):
+def test_lm_eval_adapter_answers_from_the_models_own_logits(tiny):
+    """Each request type against log-softmax and argmax of the model's forward at the width
+    asked for (width=0.5), computed here: log-likelihoods, greedy flags (one continuation is
+    the model's own argmax token, one is not), a rolling score, a greedy generation."""
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
     from mose_ds.lm_eval_adapter import MoSELM
@@ -283,17 +287,46 @@ def test_lm_eval_adapter_matches_scorer(tiny):
     assert get_model("mose") is MoSELM
     model, codec = tiny
     lm = MoSELM(model=model, codec=codec, policy="uniform", width=0.5, batch_size=8)
-    pairs = [("The king is ", "dead"), ("", "The queen"), ("long live", " the king.")]
+
+    def next_token(ids):
+        with torch.no_grad():
+            return int(model(torch.tensor([ids[-model.cfg.seq_len:]]), UniformPolicy(0.5))[0][0, -1].argmax())
+
+    ctx = codec.encode("The king is")
+    argmax = codec.decode([next_token(ctx)])
+    pairs = [("The king is", argmax), ("The king is", " dead"), ("long live", " the king.")]
+    want = []
+    for context, continuation in pairs:
+        c = codec.encode(context)
+        x = codec.encode(context + continuation)[len(c):]
+        want.append(direct(model, c + x[:-1], x))
+    queen = codec.encode("The queen")
+    pairs.append(("", "The queen"))
+    want.append(direct(model, [codec.eot] + queen[:-1], queen))
+    assert [flag for _, flag in want] == [True, False, False, False]
     requests = [Instance(request_type="loglikelihood", arguments=p, doc={}, idx=0) for p in pairs]
-    assert lm.loglikelihood(requests, disable_tqdm=True) == \
-        Scorer(model, codec, UniformPolicy(0.5)).loglikelihood(pairs)
-    rolling = [Instance(request_type="loglikelihood_rolling", arguments=(TEXT,), doc={}, idx=0)]
+    got = lm.loglikelihood(requests, disable_tqdm=True)
+    assert [flag for _, flag in got] == [flag for _, flag in want]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], rel=1e-5)
+    with torch.no_grad():                                      # the width matters to the answer
+        full = torch.log_softmax(model(torch.tensor([ctx]), UniformPolicy(1.0))[0][0, -1], -1)[
+            codec.encode("The king is" + argmax)[-1]].item()
+    assert full != pytest.approx(want[0][0], rel=1e-3)
+
+    short = codec.encode("The king is dead.")
+    rolling = [Instance(request_type="loglikelihood_rolling", arguments=("The king is dead.",), doc={}, idx=0)]
     assert lm.loglikelihood_rolling(rolling, disable_tqdm=True) == \
-        Scorer(model, codec, UniformPolicy(0.5)).loglikelihood_rolling([TEXT])
+        [pytest.approx(direct(model, [codec.eot] + short[:-1], short)[0], rel=1e-5)]
+
+    ids, new = codec.encode("The king"), []
+    for _ in range(3):
+        token = next_token(ids)
+        if token == codec.eot:
+            break
+        ids, new = ids + [token], new + [token]
     gen = [Instance(request_type="generate_until", arguments=("The king", {"until": ["\n"], "max_gen_toks": 3}),
                     doc={}, idx=0)]
-    new = Scorer(model, codec, UniformPolicy(0.5)).greedy_continue(codec.encode("The king"), 3)
-    assert len(new) <= 3 and lm.generate_until(gen, disable_tqdm=True) == [codec.decode(new).split("\n")[0]]
+    assert lm.generate_until(gen, disable_tqdm=True) == [codec.decode(new).split("\n")[0]]
     assert lm.get_model_info()["mose_mflops_per_token"]["paper"] > 0
     with pytest.raises(ValueError, match="unknown mose model_args: colour"):
         MoSELM(model=model, codec=codec, colour="red")
@@ -304,3 +337,52 @@ def test_adapter_import_without_lm_eval_says_how_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "mose_ds.lm_eval_adapter", raising=False)
     with pytest.raises(ImportError, match=r"pip install -e \.\[eval\]"):
         import mose_ds.lm_eval_adapter  # noqa: F401
+
+
+# ---------------------------------------------------------------------------------------
+# The adapter's device: CUDA when torch sees it, else the CPU, unless one is named.
+
+@pytest.mark.skipif(os.environ.get("MOSE_DS_FAKE_CUDA") == "1",
+                    reason="a fake GPU host chooses CUDA (tests/test_devices.py) but cannot hold a model there")
+def test_the_adapter_without_a_device_takes_cuda_when_present_else_the_cpu(trained, monkeypatch):
+    from lm_eval.api.registry import get_model
+    import mose_ds.lm_eval_adapter  # noqa: F401  (registers "mose")
+    from mose_ds import devices
+    monkeypatch.delenv(devices.ENV_DEVICE, raising=False)
+    # what simple_evaluate(model="mose", model_args=...) passes when given no device
+    lm = get_model("mose").create_from_arg_string(f"checkpoint={trained},policy=full",
+                                                  {"batch_size": 1, "max_batch_size": None, "device": None})
+    assert lm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert lm.scorer.loglikelihood([("The king is ", "dead")])[0][0] < 0
+
+
+def test_the_adapter_cli_asks_for_auto_unless_a_device_is_named(monkeypatch, tmp_path):
+    """lm-eval's CLI would pass its default device 'cuda:0' to the model."""
+    from mose_ds.lm_eval_adapter import parse_cli
+    argv = ["lm_eval_adapter", "--model", "mose", "--model_args", "checkpoint=RUN", "--tasks", "lambada_openai"]
+    config = tmp_path / "run.yaml"
+    config.write_text("device: cpu\n")
+    for extra, device in (([], "auto"), (["--device", "cpu"], "cpu"), (["--config", str(config)], None)):
+        monkeypatch.setattr(sys, "argv", argv + extra)
+        assert parse_cli()[1].device == device, extra          # None: the config file's device applies
+
+
+def test_an_unavailable_device_is_a_one_line_error_naming_it(trained, monkeypatch, capsys):
+    from conftest import load_tool
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+    from mose_ds.devices import DeviceError
+    from mose_ds.lm_eval_adapter import MoSELM, main
+    monkeypatch.setattr(EvaluatorConfig, "process_tasks", lambda self, metadata=None: None)  # the task index: slow
+    for device in ["cuda:7"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        with pytest.raises(DeviceError) as error:
+            MoSELM(checkpoint=trained, device=device)
+        assert f"device {device}" in str(error.value).replace("'", "") and "\n" not in str(error.value)
+        monkeypatch.setattr(sys, "argv", ["lm_eval_adapter", "--model", "mose", "--model_args",
+                                          f"checkpoint={trained}", "--tasks", "lambada_openai", "--device", device])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert str(exit_.value) == f"lm_eval_adapter: error: {error.value}"
+        capsys.readouterr()
+        assert load_tool("evaluate").main(["ppl", "--ckpt", trained, "--device", device]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and device in err, err

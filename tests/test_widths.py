@@ -11,7 +11,7 @@ from mose_ds.flops import FlopsMeter, flop_counter, forward_flops_per_token
 from mose_ds.model import MoSEGPT, lm_loss
 from mose_ds.moe_layer import SlimmableMoE
 from mose_ds.widths import (NormProbPolicy, UniformPolicy, allocation, budget_widths, exact_budget_widths,
-                            round_to_grid)
+                            round_to_grid, sample_width)
 
 GRID = [round(0.25 + 0.05 * i, 2) for i in range(16)]
 
@@ -124,11 +124,86 @@ def test_flops_of_executed_widths_equal_flop_counter(world, policy, kernel):
     meter = FlopsMeter(model.cfg, model.moe_cfg)
     meter.add(routing, 32)
     counted = counter.get_total_flops()
-    assert meter.per_token("standard")["total"] * x.numel() == pytest.approx(counted, rel=0.01)
+    assert meter.per_token("standard", executed=True)["total"] * x.numel() == pytest.approx(counted, rel=0.01)
     moe_names = {f"MoSEGPT.{name}" for name, m in model.named_modules() if isinstance(m, SlimmableMoE)}
     moe_flops = sum(sum(c.values()) for k, c in counter.get_flop_counts().items() if k in moe_names)
     assert len(moe_names) == 2 and moe_flops > 0
-    assert meter.per_token("standard")["moe"] * x.numel() == pytest.approx(moe_flops, rel=0.01)
+    assert meter.per_token("standard", executed=True)["moe"] * x.numel() == pytest.approx(moe_flops, rel=0.01)
+
+
+class FixedWidths:
+    """A per-token policy with widths chosen by hand: slot 0 at 0.3 on even tokens and 0.8 on
+    odd ones, slot 1 at 0.55 (layer 0) or 0.26 (layer 1)."""
+
+    def __call__(self, p_TK, layer, relaxed=False):
+        T = p_TK.shape[0]
+        first_T = torch.where(torch.arange(T) % 2 == 0, 0.3, 0.8)
+        return torch.stack([first_T, torch.full((T,), 0.55 if layer == 0 else 0.26)], dim=1)
+
+
+def test_paper_flops_of_a_per_token_policy_hand_count(world):
+    """Nominal MoE MACs per token = 2 d sum_slots ceil(w H) (GELU: two matrices), by hand:
+    H = 128, ceil(0.3 H) = 39, ceil(0.8 H) = 103, ceil(0.55 H) = 71, ceil(0.26 H) = 34 (33.28)."""
+    model = tiny_model(world, eval_capacity_factor=4.0)                 # nothing dropped
+    x = torch.randint(0, 4096, (2, 32))
+    with torch.no_grad():
+        _, routing = model(x, FixedWidths())
+    meter = FlopsMeter(model.cfg, model.moe_cfg)
+    meter.add(routing, 32)
+    d, per_token = 32, [(39 + 103) / 2 + 71, (39 + 103) / 2 + 34]
+    assert meter.layer_units() == pytest.approx(per_token, abs=1e-9)
+    assert meter.per_token("paper")["moe"] == pytest.approx(2 * d * sum(per_token), abs=1e-6)
+    assert meter.per_token("paper")["attention"] == 4 * 4 * d * d and meter.per_token("paper")["other"] == 2 * 2 * d * 128
+    # 4 distinct sizes per layer: the kernels run exactly these units
+    assert meter.layer_units(executed=True) == pytest.approx(per_token, abs=1e-9)
+
+
+class GridNoise:
+    """Every slot at a random width of the 16-point grid (or, `grid=None`, a random width):
+    each expert's rows then have up to 16 distinct sizes (or as many as rows)."""
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def __call__(self, p_TK, layer, relaxed=False):
+        w_TK = 0.25 + 0.75 * torch.rand(p_TK.shape, generator=torch.Generator().manual_seed(layer))
+        return w_TK if self.grid is None else round_to_grid(w_TK, self.grid)
+
+
+def test_grid_rounded_widths_execute_exactly_and_continuous_ones_round_up(world):
+    """Up to MAX_RANGES (16, the grid's size) distinct widths per expert run at their own
+    sizes, so grid-rounded widths execute exactly their nominal units; continuous widths
+    (many sizes) are rounded up to range ends and cost more. Dropped slots cost nothing."""
+    from mose_ds.config import MoSEConfig
+    model = tiny_model(world, eval_capacity_factor=4.0)
+    x = torch.randint(0, 4096, (8, 32))
+    for grid, exact in ((MoSEConfig().grid, True), (None, False)):
+        with torch.no_grad():
+            _, routing = model(x, GridNoise(grid))
+        meter = FlopsMeter(model.cfg, model.moe_cfg)
+        meter.add(routing, 32)
+        nominal, executed = sum(meter.layer_units()), sum(meter.layer_units(executed=True))
+        assert (executed == nominal) if exact else (executed > nominal * 1.001)
+    dropping = tiny_model(world, eval_capacity_factor=0.5)
+    with torch.no_grad():
+        _, routing = dropping(x, UniformPolicy(0.5))                     # 64 units a slot
+    kept = [int(r.stats.kept) for r in routing]
+    assert all(k < x.numel() * 2 for k in kept)
+    assert [float(r.nominal_units) for r in routing] == [64.0 * k for k in kept]
+
+
+def test_relaxation_interpolates_linearly_between_whole_units(world):
+    """At w H = m + f the relaxed MoE layer is (1 - f) x the m-unit expert + f x the (m+1)-unit
+    one: its output is linear in the weight of the one partial unit."""
+    layer = tiny_model(world, eval_capacity_factor=4.0).moe_layers()[0]
+    x_SBD = torch.randn(16, 2, 32)
+    H, m, f = 128, 40, 0.3
+    with torch.no_grad():
+        lo, _ = layer(x_SBD, UniformPolicy(m / H))
+        hi, _ = layer(x_SBD, UniformPolicy((m + 1) / H))
+        soft, _ = layer(x_SBD, UniformPolicy((m + f) / H), relaxed=True)
+    assert (hi - lo).abs().max() > 1e-4                                # the unit matters
+    torch.testing.assert_close(soft, (1 - f) * lo + f * hi, rtol=1e-5, atol=1e-6)
 
 
 def test_paper_convention_at_full_width_hand_count():
@@ -144,3 +219,17 @@ def test_paper_convention_at_full_width_hand_count():
     standard = forward_flops_per_token(cfg.model, cfg.moe)
     assert standard["total"] > 2 * paper["total"]          # + scores, router, LM head
     assert math.isclose(standard["other"] / 2 - paper["other"], d * cfg.model.vocab_size)
+
+
+def test_sample_width_is_uniform_over_the_grid():
+    """16,000 training steps against the 16-point grid: chi-square at p = 0.001 (15 degrees
+    of freedom: 37.70), and every point drawn."""
+    from scipy.stats import chi2
+    grid = tiny_config().mose.grid
+    assert grid == GRID
+    draws = [sample_width(grid, step, seed=5) for step in range(16_000)]
+    counts = [draws.count(w) for w in grid]
+    assert sum(counts) == len(draws)                              # nothing off the grid
+    expected = len(draws) / len(grid)
+    statistic = sum((c - expected) ** 2 / expected for c in counts)
+    assert statistic < chi2.ppf(0.999, len(grid) - 1), counts

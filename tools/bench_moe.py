@@ -11,9 +11,11 @@ timed, not a loss):
       (the per-token widths of (d))
   (f) (b) and (d) with the other expert kernel (`moe.expert_kernel`: the per-expert loop or
       the grouped products; (b)-(d) use --kernel, by default what `auto` picks here)
-For each: median time (variants interleaved), and for (c)-(f) the time over (b)'s (median of
-per-round ratios) next to the mean executed width and the counted FLOPs ratio, and for (f)
-the time over the same policy's with the --kernel; host syncs and aten operations of one
+  (g) (d) with (b)-(d)'s kernel limited to 8 hidden-unit ranges instead of 16 (one per grid
+      width): what executing grid-rounded widths exactly costs in time
+For each: median time (variants interleaved), and for (c)-(g) the time over (b)'s (median of
+per-round ratios) next to the nominal and executed widths and the counted FLOPs ratio, and
+for (f) and (g) the time over the same policy's with (b)-(d)'s kernel; host syncs and aten operations of one
 forward + backward (`mose_ds/counters.py`); peak memory of each variant in a fresh process,
 and of (b) at each of --memory-tokens (how memory grows with tokens).
 Training step: a two-pass step (full + width w) over a single full-width step, next to the
@@ -64,15 +66,25 @@ def masked_kernel(experts, rows) -> tuple[torch.Tensor, int, None]:
     return torch.cat(outs), rows.m_N.shape[0] * H, None
 
 
-def layer_class(masked: bool):
-    """Our MoE layer class, or a subclass running (e)'s kernel (imported here: importing
-    DeepSpeed prints to stdout, which must stay clean under --json)."""
+def layer_class(kernel=None):
+    """Our MoE layer class, or a subclass that always runs `kernel` ((e)'s masking, (g)'s
+    8 ranges) (imported here: importing DeepSpeed prints to stdout, which must stay clean
+    under --json)."""
     from mose_ds.moe_layer import SlimmableMoE
+    if kernel is None:
+        return SlimmableMoE
 
-    class MaskedMoE(SlimmableMoE):
+    class FixedKernelMoE(SlimmableMoE):
         def expert_kernel(self, x, relaxed):
-            return masked_kernel
-    return MaskedMoE if masked else SlimmableMoE
+            return kernel
+    return FixedKernelMoE
+
+
+def fewer_ranges(args, device, dtype):
+    """(g): the kernel of (b)-(d) limited to 8 hidden-unit ranges (buckets), as it was before
+    one range per grid width (16): what exact grid widths cost in time."""
+    from mose_ds.experts import LoopKernel
+    return grouped.GroupedKernel(8) if kernels(args)[0] == "grouped" else LoopKernel(8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,7 +93,8 @@ def layer_class(masked: bool):
 
 def variant_names(args) -> list[str]:
     names = (["deepspeed", "full"] + [f"uniform_{w:g}" for w in args.widths]
-             + [f"normprob_{g:g}" for g in args.budgets] + [f"masked_{g:g}" for g in args.budgets])
+             + [f"normprob_{g:g}" for g in args.budgets] + [f"masked_{g:g}" for g in args.budgets]
+             + [f"ranges8_normprob_{g:g}" for g in args.budgets])
     other = kernels(args)[1]
     return names + ([f"{other}_full"] + [f"{other}_normprob_{g:g}" for g in args.budgets] if other else [])
 
@@ -105,7 +118,8 @@ def build_layer(args, kind: str, device, dtype):
     from deepspeed.moe.layer import MoE
     if kind != "deepspeed":
         kernel = kernels(args)[kind == "other"] if kind in ("ours", "other") else "loop"
-        return our_layer(args, kernel, device, dtype, masked=kind == "masked")
+        fixed = {"masked": masked_kernel, "ranges8": fewer_ranges(args, device, dtype)}.get(kind)
+        return our_layer(args, kernel, device, dtype, fixed)
     D, H, moe = args.hidden, 4 * args.hidden, layer_config(args, "loop").moe
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Linear(D, H, bias=False), torch.nn.GELU(), torch.nn.Linear(H, D, bias=False))
@@ -114,13 +128,13 @@ def build_layer(args, kind: str, device, dtype):
     return seeded(layer, device, dtype)
 
 
-def our_layer(args, kernel: str, device, dtype, masked: bool = False, **moe):
-    """Our layer (with (e)'s kernel if `masked`) at the benchmark's shapes with seeded weights;
-    `moe`: more moe keys."""
+def our_layer(args, kernel: str, device, dtype, fixed=None, **moe):
+    """Our layer (always running kernel `fixed` if given) at the benchmark's shapes with
+    seeded weights; `moe`: more moe keys."""
     from mose_ds.model import transformer_config
     cfg = layer_config(args, kernel, **moe)
     torch.manual_seed(0)
-    layer = layer_class(masked)(transformer_config(cfg.model), cfg.moe, cfg.model.ffn_hidden_size, "gelu", 0)
+    layer = layer_class(fixed)(transformer_config(cfg.model), cfg.moe, cfg.model.ffn_hidden_size, "gelu", 0)
     return seeded(layer, device, dtype)
 
 
@@ -140,24 +154,27 @@ def layer_config(args, kernel: str, **moe):
 
 
 def layer_kind(name: str) -> str:
-    return {"deepspeed": "deepspeed", "masked": "masked", "loop": "other", "grouped": "other"}.get(
+    return {"deepspeed": "deepspeed", "masked": "masked", "loop": "other", "grouped": "other", "ranges8": "ranges8"}.get(
         name.split("_")[0], "ours")
 
 
 def policy(name: str):
+    """The variant's width policy; normalised probability deploys its widths rounded to the
+    training grid, as evaluation does by default."""
+    from mose_ds.config import MoSEConfig
     from mose_ds.widths import NormProbPolicy, UniformPolicy
-    if layer_kind(name) == "other":
-        name = name.partition("_")[2]                  # (f): the policy of the variant it repeats
+    if layer_kind(name) in ("other", "ranges8"):
+        name = name.partition("_")[2]                  # (f), (g): the policy of the variant they repeat
     kind, _, value = name.partition("_")
     if kind in ("normprob", "masked"):
-        return NormProbPolicy(float(value))
+        return NormProbPolicy(float(value), grid=MoSEConfig().grid)
     return UniformPolicy(float(value) if value else 1.0)
 
 
 def step_fn(name: str, layer, x, grad_out, record: dict):
-    """Forward + backward of one variant; `record[name]` gets (units executed, mean width the
-    policy asked for) of ours, the latter left on the device (reading it would add a host sync
-    to what is timed and counted)."""
+    """Forward + backward of one variant; `record[name]` gets (units executed, units nominal:
+    sum ceil(w H) of the widths the policy deployed) of ours, the latter left on the device
+    (reading it would add a host sync to what is timed and counted)."""
     if layer_kind(name) == "deepspeed":
         def fn():
             x.grad = None
@@ -169,7 +186,7 @@ def step_fn(name: str, layer, x, grad_out, record: dict):
     def fn():
         x.grad = None
         out, info = layer(x, width_policy)
-        record[name] = (info.units, info.mean_width)
+        record[name] = (info.units, info.nominal_units)
         torch.autograd.backward([out, info.aux_loss], [grad_out, None])
     return fn
 
@@ -190,7 +207,7 @@ def forward_flops(name: str, layer, x) -> int:
 def layer_benchmark(args, device, dtype) -> dict:
     names = variant_names(args)
     layers = {kind: build_layer(args, kind, device, dtype)
-              for kind in ("deepspeed", "ours", "masked") + (("other",) if kernels(args)[1] else ())}
+              for kind in ("deepspeed", "ours", "masked", "ranges8") + (("other",) if kernels(args)[1] else ())}
     x, grad_out = inputs(args, args.tokens, device, dtype)
     units: dict[str, tuple[float, float]] = {}
     fns = {n: step_fn(n, layers[layer_kind(n)], x, grad_out, units) for n in names}
@@ -206,13 +223,13 @@ def layer_benchmark(args, device, dtype) -> dict:
         row = {"variant": n, "seconds": seconds[n], "time_ratio": ratio[n],
                "flops_ratio": flops[n] / full_flops, "tflops": tflops,
                "peak_fraction": tflops / peak if peak else None}
-        if n in units:   # hidden units computed (range rounding included) over full width's
-            row["executed_width"] = units[n][0] / full_units
-            row["policy_width"] = float(units[n][1])
+        if n in units:   # over full width's units
+            row["executed_width"] = units[n][0] / full_units           # computed, range rounding included
+            row["nominal_width"] = float(units[n][1]) / full_units     # the paper's sum of ceil(w H)
         if n.startswith(("uniform", "normprob")):
             row["target"] = row["executed_width"] + 0.10
             row["ok"] = row["time_ratio"] <= row["target"]
-        if layer_kind(n) == "other":   # (f) over the same policy with the kernel of (b)-(d)
+        if layer_kind(n) in ("other", "ranges8"):   # (f), (g) over the same policy as (b)-(d) run it
             row["vs_kernel"] = measure.paired_ratios(samples, n.partition("_")[2])[n]
         counter, row["cuda_syncs"] = counted(fns[n], x, grad_out, *layers[layer_kind(n)].parameters())
         row["syncs"], row["ops"] = counter.syncs, counter.ops_total
@@ -637,14 +654,15 @@ def print_report(args, r: dict) -> None:
           f"E{s['experts']} top-{s['top_k']}, {s['tokens']} tokens")
     if "layer" in r:
         print(f"\nexpert kernel of (b)-(d): {r['kernels']['kernel']}; (f): {r['kernels']['other'] or 'none'}")
-        print("forward + backward       | seconds | time / (b) | policy width | executed width | FLOPs ratio | TFLOP/s "
+        print("forward + backward       | seconds | time / (b) | nominal width | executed width | FLOPs ratio | TFLOP/s "
               "| host syncs | aten ops | target <= | ok")
         for row in r["layer"]:
-            width = (f"{row['policy_width']:12.3f} | {row['executed_width']:14.3f}" if "executed_width" in row
-                     else f"{'':12} | {'':14}")
+            width = (f"{row['nominal_width']:13.3f} | {row['executed_width']:14.3f}" if "executed_width" in row
+                     else f"{'':13} | {'':14}")
             target = f"{row['target']:9.3f} | {row['ok']}" if "target" in row else f"{'':9} |"
             if "vs_kernel" in row:
-                target = f"{'':9} | {row['vs_kernel']:.3f}x the {r['kernels']['kernel']} kernel's time"
+                what = "16-range" if row["variant"].startswith("ranges8") else r["kernels"]["kernel"]
+                target = f"{'':9} | {row['vs_kernel']:.3f}x the {what} kernel's time"
             print(f"  {row['variant']:22} | {row['seconds']:7.3f} | {row['time_ratio']:10.3f} | {width} | "
                   f"{row['flops_ratio']:11.3f} | {row['tflops']:7.3f} | {row['syncs']:10d} | {row['ops']:8d} | {target}")
         v = r["full_vs_deepspeed"]

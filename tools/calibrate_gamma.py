@@ -3,16 +3,19 @@
 
     python tools/calibrate_gamma.py --ckpt runs/quickstart --budgets 0.5 0.75 1.0 1.25 1.5 [--mode both]
     python tools/calibrate_gamma.py --ckpt runs/x/checkpoints/iter_00010000 --mode shared \
-        --data data/owt --split train --batches 50 --batch-size 6 --lr 0.01 --out gamma.yaml
+        --data data/owt --split train --batches 50 --batch-size 6 --out gamma.yaml
+    python tools/calibrate_gamma.py --ckpt RUN --method sgd --lr 0.01      # the paper's optimiser
 
 Loads a training checkpoint (any ZeRO stage, any expert-parallel layout) into one process,
 freezes every weight (checked before and after: the weights' digest must not change), and
 for each budget Gamma and each mode (one gamma per MoE layer, the default, or one shared by
-all layers) runs SGD on log gamma over the calibration stream with the relaxation of `mose_ds.calibrate`.
+all layers) learns gamma on the calibration stream (50 batches of 6 by default, the paper's):
+by direct search on the loss of the hard deployed widths (`--method search`, the default), or
+with the paper's SGD on log gamma over the relaxation (`--method sgd`); see `mose_ds.calibrate`.
 Writes a gamma table (YAML) with the checkpoint's identity, the deployment settings, and per
-budget the learned gammas, the calibration loss with the relaxation and with hard deployed
-widths, and the MFLOPs/token those widths executed. `tools/evaluate.py --policy gamma`
-deploys it.
+budget the learned gammas, the calibration loss at gamma = 1 and at the learned gammas (with
+the relaxation and with hard deployed widths), and the MFLOPs/token of those widths, nominal
+(the paper's count) and executed. `tools/evaluate.py --policy gamma` deploys it.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-RELAXATION = ("soft prefix mask: hidden unit j weighted clamp(w*H - j, 0, 1) during calibration; "
-              "gamma learned as log(gamma) with SGD; deployed widths are hard slices ceil(w*H)")
+RELAXATION = ("soft prefix mask: hidden unit j weighted clamp(w*H - j, 0, 1) (loss_relaxed, and the "
+              "objective of --method sgd); deployed widths are hard slices ceil(w*H) (loss_hard, the "
+              "objective of --method search)")
 
 
 def fail(msg: str) -> int:
@@ -37,32 +41,41 @@ def fail(msg: str) -> int:
     return 2
 
 
-def calibration_batches(args, cfg, codec_folder: str):
+def calibration_batches(args, cfg, folder: str):
     """`--batches` batches of `--batch-size` windows: sampled (seeded) from a prepared split,
-    or read in order from a text file."""
+    or read in order from a text file, in the tokenizer of checkpoint `folder` (a `--data`
+    of another tokenizer is refused)."""
     import torch
     from mose_ds.data import TokenSplit
     from mose_ds.inference import text_windows
-    from mose_ds.tokenizer import TextCodec
+    from mose_ds.tokenizer import TextCodec, check_data
     S, n = cfg.model.seq_len, args.batches * args.batch_size
     if args.text:
         if not os.path.isfile(args.text):
             raise FileNotFoundError(f"--text: no such file: {args.text}")
         with open(args.text, encoding="utf-8") as f:
-            windows = text_windows(TextCodec.for_data(codec_folder), f.read(), S)
+            windows = text_windows(TextCodec.for_checkpoint(folder, args.data), f.read(), S)
         if len(windows) < n:
             raise ValueError(f"--text {args.text}: {len(windows)} windows of {S + 1} tokens, "
                              f"fewer than --batches x --batch-size = {n}")
         rows = windows[:n]
     else:
-        split = TokenSplit(args.data, args.split, S, cfg.model.vocab_size)
+        data = args.data or cfg.data.path
+        check_data(folder, data)
+        split = TokenSplit(data, args.split, S, cfg.model.vocab_size)
         ids = np.random.default_rng(args.seed).permutation(split.num_windows)[:n]
         if len(ids) < n:
-            raise ValueError(f"--data {args.data} ({args.split}): {split.num_windows} windows, fewer than "
+            raise ValueError(f"--data {data} ({args.split}): {split.num_windows} windows, fewer than "
                              f"--batches x --batch-size = {n}")
         rows = np.stack([split.tokens[i * S: i * S + S + 1] for i in ids]).astype(np.int64)
     data = torch.from_numpy(rows).view(args.batches, args.batch_size, S + 1)
     return [(b[:, :-1], b[:, 1:]) for b in data]
+
+
+def describe(args) -> str:
+    if args.method == "search":
+        return "direct search on the hard deployed loss (log-gamma scan, golden section, coordinate search)"
+    return f"SGD on log(gamma), lr {args.lr}, token losses {args.reduction}, one step per batch"
 
 
 def main(argv=None) -> int:
@@ -78,7 +91,12 @@ def main(argv=None) -> int:
     p.add_argument("--text", help="calibrate on a text file instead of a prepared split")
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=6)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--method", choices=["search", "sgd"], default="search",
+                   help="search: direct search on the hard deployed loss (default); sgd: the paper's SGD "
+                   "on log gamma over the relaxation, one step per batch")
+    p.add_argument("--lr", type=float, default=0.01, help="--method sgd: learning rate (default 0.01)")
+    p.add_argument("--reduction", choices=["mean", "sum"], default="mean",
+                   help="--method sgd: the batch's token losses averaged (default) or summed")
     p.add_argument("--seed", type=int, default=0, help="which windows of the split are sampled")
     p.add_argument("--exact-budget", action="store_true",
                    help="redistribute clipped width so each token's widths sum to Gamma")
@@ -98,7 +116,7 @@ def main(argv=None) -> int:
         quiet_libraries()
         from tqdm import tqdm
 
-        from mose_ds.calibrate import MODES, PolicySettings, WeightsChanged, calibrate, freeze
+        from mose_ds.calibrate import MODES, PolicySettings, SearchMethod, SGDMethod, WeightsChanged, calibrate, freeze
         from mose_ds.checkpoint import CheckpointError
         from mose_ds.config import ConfigError
         from mose_ds.devices import DeviceError
@@ -121,9 +139,8 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(run_folder, "gamma_table.yaml")
     if os.path.exists(out) and not args.force:
         return fail(f"{out} exists (pass --force to overwrite, or --out elsewhere)")
-    args.data = args.data or cfg.data.path
     try:
-        batches = calibration_batches(args, cfg, args.data)
+        batches = calibration_batches(args, cfg, loaded.folder)
     except (FileNotFoundError, ValueError, ConfigError) as e:
         return fail(str(e))
 
@@ -131,20 +148,23 @@ def main(argv=None) -> int:
                               exact_budget=args.exact_budget,
                               grid=None if args.continuous else cfg.mose.grid)
     digest = freeze(model)
+    method = SearchMethod() if args.method == "search" else SGDMethod(args.lr, args.reduction)
     modes = MODES if args.mode == "both" else (args.mode,)
     results = {mode: [] for mode in modes}
     jobs = [(mode, b) for mode in modes for b in budgets]
     print(f"calibrating {cfg.model.name} ({loaded.folder}) on {len(batches)} x {args.batch_size} x "
-          f"{cfg.model.seq_len} tokens: {len(jobs)} runs, lr {args.lr}, {next(model.parameters()).device}", file=sys.stderr)
+          f"{cfg.model.seq_len} tokens: {len(jobs)} runs, {describe(args)}, {next(model.parameters()).device}",
+          file=sys.stderr)
     for i, (mode, budget) in enumerate(jobs):
-        bar = tqdm(total=len(batches), desc=f"[{i + 1}/{len(jobs)}] {mode} Gamma={budget:g}",
+        bar = tqdm(total=len(batches) if args.method == "sgd" else None, unit="step" if args.method == "sgd" else "eval",
+                   desc=f"[{i + 1}/{len(jobs)}] {mode} Gamma={budget:g}",
                    file=sys.stderr, leave=False, dynamic_ncols=True)
 
         def on_step(step, loss, bar=bar):
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
 
-        results[mode].append(calibrate(model, batches, budget, mode, settings, args.lr, on_step))
+        results[mode].append(calibrate(model, batches, budget, mode, settings, method, on_step))
         bar.close()
     if weights_digest(model) != digest:
         raise WeightsChanged("model weights changed during calibration")
@@ -155,14 +175,17 @@ def main(argv=None) -> int:
         "relaxation": RELAXATION,
         "policy": {"wmin": settings.wmin, "wmax": settings.wmax, "exact_budget": settings.exact_budget,
                    "round_to_grid": settings.grid is not None},
-        "calibration": {"data": os.path.abspath(args.text or args.data), "split": None if args.text else args.split,
+        "calibration": {"data": os.path.abspath(args.text or args.data or cfg.data.path), "split": None if args.text else args.split,
                         "batches": args.batches, "batch_size": args.batch_size, "seq_len": cfg.model.seq_len,
-                        "lr": args.lr, "optimizer": "SGD on log(gamma)", "seed": args.seed},
+                        "method": describe(args), "seed": args.seed},
         "modes": {mode: [{
             "budget": r.budget, "gamma": [round(g, 6) for g in r.gamma],
-            "loss_relaxed": round(r.loss_relaxed, 6), "loss_hard": round(r.loss_hard, 6),
+            "loss_hard": round(r.loss_hard, 6), "loss_hard_at_gamma_1": round(r.loss_hard_at_1, 6),
+            "loss_relaxed": round(r.loss_relaxed, 6), "loss_relaxed_at_gamma_1": round(r.loss_relaxed_at_1, 6),
             "mflops_per_token": {c: round(v, 4) for c, v in r.hard.mflops.items()},
-            "mean_width": round(r.hard.mean_width, 4)} for r in rs] for mode, rs in results.items()},
+            "mflops_per_token_executed": {c: round(v, 4) for c, v in r.hard.mflops_executed.items()},
+            "mean_width": round(r.hard.mean_width, 4), "stream_evaluations": r.evaluations}
+            for r in rs] for mode, rs in results.items()},
     }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
@@ -170,13 +193,16 @@ def main(argv=None) -> int:
         yaml.safe_dump(table, f, sort_keys=False)
     os.replace(tmp, out)
 
-    print("\n  mode      | budget | gamma                  | loss relaxed | loss hard | MFLOPs/tok (paper) | width")
-    print("  ----------+--------+------------------------+--------------+-----------+--------------------+------")
+    print("\n  mode      | budget | gamma                  | loss hard (gamma=1) | relaxed (gamma=1)  "
+          "| MFLOPs/tok paper (executed) | width")
+    print("  ----------+--------+------------------------+---------------------+--------------------"
+          "+-----------------------------+------")
     for mode, rs in results.items():
         for r in rs:
             g = ", ".join(f"{x:.3f}" for x in (r.gamma[:1] if mode == "shared" else r.gamma))
-            print(f"  {mode:9s} | {r.budget:6.3f} | {g:22.22s} | {r.loss_relaxed:12.4f} | "
-                  f"{r.loss_hard:9.4f} | {r.hard.mflops['paper']:18.4f} | {r.hard.mean_width:.3f}")
+            print(f"  {mode:9s} | {r.budget:6.3f} | {g:22.22s} | {r.loss_hard:.4f} ({r.loss_hard_at_1:.4f})  | "
+                  f"{r.loss_relaxed:.4f} ({r.loss_relaxed_at_1:.4f}) | {r.hard.mflops['paper']:.4f} "
+                  f"({r.hard.mflops_executed['paper']:.4f})     | {r.hard.mean_width:.3f}")
     print(f"\ncalibrate_gamma: {len(jobs)} runs in {time.time() - start:.0f}s, weights unchanged "
           f"(sha256 {digest[:12]}) -> {os.path.abspath(out)}")
     return 0

@@ -13,8 +13,11 @@ other weights as trained; width policies and gamma tables have no HF counterpart
 
 Writes `config.json` (the HF config the model was built from, `torch_dtype` set to the
 exported dtype), `model.safetensors` or `model-XXXXX-of-YYYYY.safetensors` shards with
-`model.safetensors.index.json`, and the tokenizer files of `--tokenizer-from` when given.
-Everything is written under `<out>.partial` and renamed at the end.
+`model.safetensors.index.json`, the tokenizer the checkpoint records (`mose_tokenizer.json`
+and its files; for an HF tokenizer also a `tokenizer_config.json` naming its end-of-text
+token, so `AutoTokenizer` loads the folder), and the tokenizer files of `--tokenizer-from`
+when given, which must hold the tokenizer the checkpoint records. Everything is written
+under `<out>.partial` and renamed at the end.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ def checkpoint_source(path: str, dtype):
     except CheckpointError as e:
         raise Failure(str(e)) from None
     cfg = loaded.cfg
+    path = loaded.folder             # the tag folder, whose tokenizer record is exported
     if cfg.model.family != "deepseek_v2":
         raise Failure(f"{loaded.folder}: a {cfg.model.family} model; only the DeepSeek-V2 family has an HF export")
     if dtype is None:
@@ -96,7 +100,45 @@ def checkpoint_source(path: str, dtype):
         for hf_name, layout in _hf_names(name, ours_to_hf):
             tensors.append((hf_name, dtype, hf_shape(tuple(param.shape), layout),
                             lambda p=param, l=layout: to_hf(p.detach(), l).to(dtype).contiguous()))
-    return cfg, tensors
+    return cfg, tensors, path
+
+
+def tokenizer_files(folder: str, tokenizer_from: str | None) -> list[str]:
+    """The files of the tokenizer `folder` records, to be copied into the export ([] without
+    a record). `tokenizer_from` must hold that same tokenizer.json."""
+    from mose_ds.tokenizer import (HF_TOKENIZER_FILE, RECORD_FILE, VOCAB_FILE, TokenizerError, file_sha256,
+                                   describe, read_record)
+    try:
+        record = read_record(folder)
+    except TokenizerError as e:
+        raise Failure(str(e)) from None
+    if record is None:
+        return []
+    hf = record["tokenizer"] == HF_TOKENIZER_FILE and not record.get("compact_vocab")
+    if tokenizer_from and not (hf and file_sha256(os.path.join(tokenizer_from, HF_TOKENIZER_FILE))
+                               == record["files_sha256"][HF_TOKENIZER_FILE]):
+        raise Failure(f"--tokenizer-from {tokenizer_from}: its {HF_TOKENIZER_FILE} is not the tokenizer "
+                      f"{folder} records ({describe(record)})")
+    return [RECORD_FILE] + ([HF_TOKENIZER_FILE] if record["tokenizer"] == HF_TOKENIZER_FILE else []) + \
+        ([VOCAB_FILE] if record.get("compact_vocab") else [])
+
+
+def write_tokenizer(folder: str, names: list[str], out: str) -> list[str]:
+    """Copy `names` (from `tokenizer_files`) from `folder` into `out`; for an HF tokenizer
+    whose ids are the model's (no compact vocabulary), add a `tokenizer_config.json` naming
+    the end-of-text token of the record. Returns the names written."""
+    from mose_ds.tokenizer import HF_TOKENIZER_FILE, RECORD_FILE, VOCAB_FILE
+    for name in names:
+        shutil.copyfile(os.path.join(folder, name), os.path.join(out, name))
+    if HF_TOKENIZER_FILE not in names or VOCAB_FILE in names:
+        return names
+    from tokenizers import Tokenizer
+    with open(os.path.join(folder, RECORD_FILE)) as f:
+        eot = json.load(f)["base_eot_id"]
+    eos = Tokenizer.from_file(os.path.join(folder, HF_TOKENIZER_FILE)).id_to_token(eot)
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}, f, indent=2)
+    return names + ["tokenizer_config.json"]
 
 
 def _hf_names(name: str, ours_to_hf) -> list[tuple[str, str]]:
@@ -149,11 +191,12 @@ def convert(args) -> tuple[str, int, int, int]:
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else None
     try:
         if os.path.isfile(os.path.join(args.ckpt, "weights.index.json")):
-            cfg, tensors = weights_source(args.ckpt, dtype)
+            (cfg, tensors), folder = weights_source(args.ckpt, dtype), args.ckpt
         else:
-            cfg, tensors = checkpoint_source(args.ckpt, dtype)
+            cfg, tensors, folder = checkpoint_source(args.ckpt, dtype)
     except ShardError as e:
         raise Failure(str(e)) from None
+    tokenizer = tokenizer_files(folder, args.tokenizer_from)
     tensors.sort(key=lambda t: _hf_order(t[0]))
     dtypes = {t[1] for t in tensors}
     dtype_name = str(max(dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
@@ -181,10 +224,11 @@ def convert(args) -> tuple[str, int, int, int]:
                     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
             with open(os.path.join(partial, "config.json"), "w") as f:
                 json.dump(hf_config(cfg, dtype_name), f, indent=2)
+            copied += write_tokenizer(folder, tokenizer, partial)
             for name in TOKENIZER_FILES if args.tokenizer_from else ():
                 if os.path.isfile(os.path.join(args.tokenizer_from, name)):
                     shutil.copy(os.path.join(args.tokenizer_from, name), os.path.join(partial, name))
-                    copied.append(name)
+                    copied += [] if name in copied else [name]
     except (ShardError, OSError) as e:
         raise Failure(str(e)) from None
     print(f"dtypes: {', '.join(sorted(NAMES[d] for d in dtypes))}; tokenizer files: "

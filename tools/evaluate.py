@@ -8,7 +8,8 @@
     python tools/evaluate.py routing --ckpt RUN --out RUN/routing [--widths 0.25 0.5 1.0] [--json]
 
 Data for `ppl`, `sweep` and `routing`: a prepared split (`--data DIR --split val`, default the
-checkpoint's own data folder and its validation split) or a text file (`--text FILE`).
+checkpoint's own data folder and its validation split) or a text file (`--text FILE`), read
+with the tokenizer the checkpoint records (a `--data` of another tokenizer is refused).
 `--top-k K` routes to K < k experts without retraining (routing transfer). Compute is measured
 from the widths actually executed (MFLOPs/token, paper and standard conventions, see
 mose_ds/flops.py). With --json, stdout carries one JSON object and nothing else.
@@ -33,9 +34,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODES = ("full", "uniform", "normprob", "gamma-shared", "gamma-layerwise")
+MODES = ("full", "uniform", "normprob", "gamma-shared", "gamma-layerwise", "moe")
 COLORS = {"full": "black", "uniform": "tab:blue", "normprob": "tab:orange",
-          "gamma-shared": "tab:green", "gamma-layerwise": "tab:red"}
+          "gamma-shared": "tab:green", "gamma-layerwise": "tab:red", "moe": "tab:grey"}
 
 
 class Failure(Exception):
@@ -77,9 +78,11 @@ def parse_args(argv):
     add_common(sweep)
     sweep.add_argument("--table", help="gamma table (adds the gamma-shared / gamma-layerwise modes)")
     sweep.add_argument("--budgets", type=float, nargs="+",
-                       help="budgets Gamma (default: the table's, else k x 0.25 .. 0.75)")
+                       help="budgets Gamma (default: the table's, else k x 0.25, 0.375, 0.5, 0.625, 0.75, 1)")
     sweep.add_argument("--exact-budget", action="store_true")
     sweep.add_argument("--continuous", action="store_true")
+    sweep.add_argument("--baseline", help="a plain MoE checkpoint (mose.enabled: false) trained on the "
+                       "same tokens: evaluated at full width and uniform 0.25 / 0.5 / 0.75 on the same batches")
     sweep.add_argument("--out", required=True, help="output folder")
     sweep.add_argument("--force", action="store_true", help="overwrite files in --out")
     tasks = sub.add_parser("tasks", help="zero-shot tasks scored as lm-evaluation-harness does")
@@ -89,8 +92,8 @@ def parse_args(argv):
     tasks.add_argument("--files", nargs="+", required=True,
                        help="the task's local file(s); piqa and siqa: the jsonl then the labels file")
     tasks.add_argument("--limit", type=int, help="score only the first N items")
-    tasks.add_argument("--vocab-data", help="prepared data folder whose tokenizer the model uses "
-                       "(default: the checkpoint's data.path)")
+    tasks.add_argument("--vocab-data", help="prepared data folder, checked against the checkpoint's "
+                       "tokenizer (only needed for a checkpoint that predates its tokenizer record)")
     routing = sub.add_parser("routing", help="expert-selection histograms, JS divergence, heatmaps")
     add_common(routing)
     routing.add_argument("--widths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
@@ -101,13 +104,13 @@ def parse_args(argv):
 
 # ---------------------------------------------------------------------------------------------
 
-def load(args):
+def load(args, path: str | None = None):
     from mose_ds.checkpoint import CheckpointError
     from mose_ds.config import ConfigError
     from mose_ds.devices import DeviceError
     from mose_ds.inference import load_model
     try:
-        return load_model(args.ckpt, top_k=args.top_k, device=args.device)
+        return load_model(path or args.ckpt, top_k=args.top_k, device=args.device)
     except (CheckpointError, ConfigError, DeviceError) as e:
         raise Failure(str(e)) from None
 
@@ -116,7 +119,7 @@ def eval_batches(args, loaded):
     """The evaluation batches of `--data/--split` or `--text`."""
     from mose_ds.config import ConfigError
     from mose_ds.inference import split_batches, text_windows, window_batches
-    from mose_ds.tokenizer import TextCodec
+    from mose_ds.tokenizer import TextCodec, check_data
     cfg = loaded.cfg
     bs = args.batch_size or cfg.train.micro_batch_size
     if args.batches < 1 or bs < 1:
@@ -126,13 +129,14 @@ def eval_batches(args, loaded):
         if args.text:
             if not os.path.isfile(args.text):
                 raise Failure(f"--text: no such file: {args.text}")
-            codec = TextCodec.for_data(data)
+            codec = TextCodec.for_checkpoint(loaded.folder, args.data)
             with open(args.text, encoding="utf-8") as f:
                 windows = text_windows(codec, f.read(), cfg.model.seq_len)
             batches = list(window_batches(windows, bs, args.batches))
             if not batches:
                 raise Failure(f"--text {args.text}: fewer than one batch of {bs} windows")
             return batches, f"{args.text} ({sum(b[1].numel() for b in batches):,} tokens)"
+        check_data(loaded.folder, data)
         batches = split_batches(data, args.split, cfg, bs, args.batches)
         return batches, f"{data} [{args.split}] ({sum(b[1].numel() for b in batches):,} tokens)"
     except (ConfigError, ValueError) as e:
@@ -153,9 +157,14 @@ def policy_of(args, loaded, **override):
 
 
 def result_row(mode: str, budget, result) -> dict:
+    """One evaluated point: nominal compute (the paper's sum of ceil(w H): `mflops_*`,
+    `mean_width`) beside what the kernels executed (`*_executed`)."""
     return {"mode": mode, "budget": budget, "ppl": result.ppl, "loss": result.loss,
             "mflops_paper": result.mflops["paper"], "mflops_standard": result.mflops["standard"],
-            "mean_width": result.mean_width, "dropped": result.dropped, "tokens": result.tokens,
+            "mflops_paper_executed": result.mflops_executed["paper"],
+            "mflops_standard_executed": result.mflops_executed["standard"],
+            "mean_width": result.mean_width, "executed_width": result.executed_width,
+            "dropped": result.dropped, "tokens": result.tokens,
             **{f"mflops_{k}": v for k, v in result.breakdown.items()}}
 
 
@@ -176,7 +185,8 @@ def cmd_ppl(args, say):
     r = evaluate_policy(loaded.model, batches, policy)
     say(f"{loaded.cfg.model.name} @ {loaded.folder}\n{label} on {source}\n"
         f"  perplexity {r.ppl:.3f} (loss {r.loss:.4f}) | MFLOPs/token paper {r.mflops['paper']:.4f} "
-        f"standard {r.mflops['standard']:.4f} | mean executed width {r.mean_width:.3f} | dropped {r.dropped:.2%}")
+        f"(executed {r.mflops_executed['paper']:.4f}) standard {r.mflops['standard']:.4f} | mean width "
+        f"{r.mean_width:.3f} (executed {r.executed_width:.3f}) | dropped {r.dropped:.2%}")
     return {"checkpoint": loaded.identity, "policy": label, "data": source, **result_row(args.policy, args.budget, r)}
 
 
@@ -219,33 +229,37 @@ def cmd_sweep(args, say):
     args.policy, args.width, args.budget, args.gamma, args.gamma_mode = "full", None, None, 1.0, "layerwise"
     plan = sweep_plan(args, loaded)
     say(f"sweep of {loaded.cfg.model.name} ({loaded.folder}) on {source}: {len(plan)} points")
+    baseline = None
+    if args.baseline:
+        baseline = load(args, args.baseline)
+        check_same_tokenizer(loaded, baseline)
+        plan += [("moe", baseline.cfg.moe.top_k * w, {"kind": "full"} if w == 1 else {"kind": "uniform", "width": w})
+                 for w in BASELINE_WIDTHS]
     rows, start = [], time.time()
     for i, (mode, budget, override) in enumerate(plan):
-        policy, label = policy_of(args, loaded, **override)
-        r = evaluate_policy(loaded.model, batches, policy)
+        which = baseline if mode == "moe" else loaded
+        policy, label = policy_of(args, which, **override)
+        r = evaluate_policy(which.model, batches, policy)
         rows.append(result_row(mode, budget, r))
-        say(f"  [{i + 1}/{len(plan)}] {label:28s} ppl {r.ppl:9.3f} | {r.mflops['paper']:.4f} MFLOPs/token "
-            f"| width {r.mean_width:.3f} | {time.time() - start:.0f}s")
+        say(f"  [{i + 1}/{len(plan)}] {mode + ' ' + label if mode == 'moe' else label:28s} ppl {r.ppl:9.3f} | "
+            f"{r.mflops['paper']:.4f} MFLOPs/token (executed {r.mflops_executed['paper']:.4f}) | "
+            f"width {r.mean_width:.3f} | {time.time() - start:.0f}s")
 
     with open(os.path.join(args.out, "sweep.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    points = {m: [(r["mflops_paper"], r["ppl"]) for r in rows if r["mode"] == m] for m in MODES}
-    points = {m: p for m, p in points.items() if p}
+    summary = {"checkpoint": loaded.identity, "data": source, "rows": rows,
+               "baseline": baseline.identity if baseline else None,
+               **{f"vs_uniform{tag}": pareto.against(mode_points(rows, key), "uniform")
+                  for tag, key in (("", "mflops_paper"), ("_executed", "mflops_paper_executed"))},
+               **{f"vs_normprob{tag}": pareto.against(mode_points(rows, key), "normprob")
+                  for tag, key in (("", "mflops_paper"), ("_executed", "mflops_paper_executed"))},
+               "table1": table1(rows, loaded.cfg.moe.top_k)}
+    points = mode_points(rows, "mflops_paper")
     uniform_ref = points["uniform"] + points["full"]          # w = 1 closes the uniform frontier
     full_flops = points["full"][0][0]
-    summary = {"checkpoint": loaded.identity, "data": source, "rows": rows, "vs_uniform": {}}
-    for mode in points:
-        if mode in ("full", "uniform"):
-            continue
-        flags = pareto.below(points[mode], uniform_ref)
-        summary["vs_uniform"][mode] = {
-            "below_uniform_frontier": sum(f is True for f in flags),
-            "above_uniform_frontier": sum(f is False for f in flags),
-            "not_comparable": sum(f is None for f in flags),
-            "flops_reduction_at_matched_ppl": pareto.flops_reduction(points[mode], uniform_ref)}
-    plot_pareto(points, os.path.join(args.out, "pareto.png"), loaded.cfg.model.name)
+    plot_pareto(points, os.path.join(args.out, "pareto.png"), loaded.cfg.model.name, summary["table1"])
     plot_reduction(points, uniform_ref, full_flops, os.path.join(args.out, "reduction.png"))
     monitor = Monitor(args.out, True, [])
     for r in rows:
@@ -256,24 +270,60 @@ def cmd_sweep(args, say):
         json.dump(summary, f, indent=2)
 
     say(compute_quality_table(rows))
-    for mode, s in summary["vs_uniform"].items():
-        say(f"  {mode}: below the uniform frontier at {s['below_uniform_frontier']} of {len(points[mode])} budgets, "
-            f"above at {s['above_uniform_frontier']}")
+    for ref in ("uniform", "normprob"):
+        for mode, s in summary[f"vs_{ref}"].items():
+            executed = summary[f"vs_{ref}_executed"][mode]
+            say(f"  {mode}: below the {ref} frontier at {s['below']} of {len(points[mode])} budgets "
+                f"(with executed MFLOPs: {executed['below']}), above at {s['above']} ({executed['above']})")
+    t1 = summary["table1"]
+    if t1:
+        say("  Table 1's operating point: " + "; ".join(f"{name} ppl {r['ppl']:.3f} at {r['mflops_paper']:.4f} MFLOPs/token"
+                                                        for name, r in t1.items()))
     say(f"\nsweep: {len(rows)} points in {time.time() - start:.0f}s -> {os.path.abspath(args.out)}/"
         f"{{{','.join(names)}}} + TensorBoard ({monitor.path})")
     return summary
 
 
+BASELINE_WIDTHS = (1.0, 0.25, 0.5, 0.75)
+
+
+def check_same_tokenizer(loaded, baseline) -> None:
+    """The baseline is scored on the main checkpoint's token ids: refuse one trained on others."""
+    from mose_ds.tokenizer import describe, identity, read_record
+    mine, theirs = read_record(loaded.folder), read_record(baseline.folder)
+    if mine is not None and theirs is not None and identity(mine) != identity(theirs):
+        raise Failure(f"--baseline {baseline.folder} was trained with {describe(theirs)}, but {loaded.folder} "
+                      f"with {describe(mine)}: they cannot be scored on the same ids")
+
+
+def mode_points(rows: list[dict], key: str) -> dict[str, list]:
+    """(MFLOPs/token under `key`, perplexity) of every mode that has points."""
+    points = {m: [(r[key], r["ppl"]) for r in rows if r["mode"] == m] for m in MODES}
+    return {m: p for m, p in points.items() if p}
+
+
+def table1(rows: list[dict], k: int) -> dict:
+    """The paper's Table 1 operating point: MoSE at full width, MoSE with learned gamma at the
+    full budget Gamma = k (layer-wise, else shared), and the MoE baseline at full width."""
+    def at(mode, budget):
+        return next((r for r in rows if r["mode"] == mode and abs(r["budget"] - budget) < 1e-9), None)
+    picks = {"mose_full_width": at("full", k),
+             "mose_ttt_at_gamma_k": at("gamma-layerwise", k) or at("gamma-shared", k),
+             "moe_full_width": at("moe", k)}
+    return {name: r for name, r in picks.items() if r}
+
+
 def compute_quality_table(rows: list[dict]) -> str:
-    lines = ["", "  mode            | budget | mean width | MFLOPs/tok paper | standard | perplexity",
-             "  ----------------+--------+------------+------------------+----------+-----------"]
+    lines = ["", "  mode            | budget | mean width | MFLOPs/tok paper | executed | standard | perplexity",
+             "  ----------------+--------+------------+------------------+----------+----------+-----------"]
     for r in rows:
         lines.append(f"  {r['mode']:15s} | {r['budget']:6.3f} | {r['mean_width']:10.3f} | "
-                     f"{r['mflops_paper']:16.4f} | {r['mflops_standard']:8.3f} | {r['ppl']:10.3f}")
+                     f"{r['mflops_paper']:16.4f} | {r['mflops_paper_executed']:8.4f} | "
+                     f"{r['mflops_standard']:8.3f} | {r['ppl']:10.3f}")
     return "\n".join(lines)
 
 
-def plot_pareto(points, path, title):
+def plot_pareto(points, path, title, table1_points=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -284,8 +334,13 @@ def plot_pareto(points, path, title):
         ax.scatter(xs, ys, color=COLORS[mode], s=18, alpha=0.6, marker="*" if mode == "full" else "o")
         front = pareto.frontier(pts + (points["full"] if mode == "uniform" else []))
         fx, fy = zip(*front)
-        ax.plot(fx, fy, color=COLORS[mode], label=mode)
-    ax.set_xlabel("MFLOPs / token (paper convention, measured)")
+        ax.plot(fx, fy, color=COLORS[mode], label="MoE baseline (not slimmable-trained)" if mode == "moe" else mode)
+    for name, r in (table1_points or {}).items():
+        if name != "mose_full_width":
+            ax.scatter([r["mflops_paper"]], [r["ppl"]], s=120, facecolors="none", edgecolors="black", lw=1.2)
+            ax.annotate("Table 1: TTT at Gamma = k" if "ttt" in name else "Table 1: MoE", (r["mflops_paper"], r["ppl"]),
+                        textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xlabel("MFLOPs / token (paper convention: sum of ceil(w H) of the deployed widths)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"{title}: perplexity vs compute, Pareto frontiers")
     ax.grid(alpha=0.3)
@@ -302,7 +357,7 @@ def plot_reduction(points, uniform_ref, full_flops, path):
     from mose_ds import pareto
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for mode, pts in points.items():
-        if mode == "full":
+        if mode in ("full", "moe"):
             continue
         front = pareto.frontier(pts)
         left.plot([p for _, p in front], [100 * (1 - f / full_flops) for f, _ in front], "o-",
@@ -331,10 +386,9 @@ def cmd_tasks(args, say):
     from mose_ds.config import ConfigError
     loaded = load(args)
     policy, label = policy_of(args, loaded)
-    data = args.vocab_data or loaded.cfg.data.path
     try:
-        codec = TextCodec.for_data(data)
-    except ConfigError as e:
+        codec = TextCodec.for_checkpoint(loaded.folder, args.vocab_data)
+    except (ConfigError, ValueError) as e:      # a missing data folder, another tokenizer
         raise Failure(str(e)) from None
     scorer = Scorer(loaded.model, codec, policy)
     try:
@@ -345,9 +399,11 @@ def cmd_tasks(args, say):
     unk = codec.unknown / max(codec.encoded, 1)
     say(f"{args.task} | {label} | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in metrics.items())
-        + f" | MFLOPs/token paper {mflops['paper']:.4f} | unknown tokens {unk:.2%}")
+        + f" | MFLOPs/token paper {mflops['paper']:.4f} (executed {scorer.meter.mflops(executed=True)['paper']:.4f})"
+        + f" | unknown tokens {unk:.2%}")
     return {"checkpoint": loaded.identity, "task": args.task, "policy": label, **metrics,
-            "mflops_per_token": mflops, "unknown_token_rate": unk}
+            "mflops_per_token": mflops, "mflops_per_token_executed": scorer.meter.mflops(executed=True),
+            "unknown_token_rate": unk}
 
 
 def js_divergence(p, q) -> float:
