@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quick start: prepare the shipped corpus, train the tiny MoSE recipe (CPU when no GPU is
-# present; a few minutes on 2 cores) with TensorBoard logs, calibrate gamma for five budgets,
+# present; a few minutes on 2 cores) with TensorBoard logs, calibrate gamma for six budgets,
 # and print the compute/quality table (MFLOPs/token and perplexity per mode and budget).
 # Re-running resumes the same run (runs/quickstart) and redoes calibration and table.
 set -euo pipefail

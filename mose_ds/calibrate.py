@@ -78,8 +78,9 @@ class Method(Protocol):
     name: str
 
     def learn(self, model: MoSEGPT, batches: Batches, budget: float, mode: str, settings: PolicySettings,
-              on_step: Progress | None) -> tuple[list[float], list[float], int]:
-        """(gamma per MoE layer, the loss of each step, whole-stream evaluations)."""
+              on_step: Progress | None, start: list[float] | None = None) -> tuple[list[float], list[float], int]:
+        """(gamma per MoE layer, the loss of each step, whole-stream evaluations). `start`:
+        gammas (one per layer) to begin from, e.g. the shared optimum for layer-wise search."""
 
 
 def freeze(model: MoSEGPT) -> str:
@@ -104,7 +105,8 @@ class SGDMethod:
         if self.reduction not in ("mean", "sum") or self.lr <= 0:
             raise ValueError(f"SGD calibration needs lr > 0 and reduction mean or sum, got {self.lr}, {self.reduction!r}")
 
-    def learn(self, model, batches, budget, mode, settings, on_step=None):
+    def learn(self, model, batches, budget, mode, settings, on_step=None, start=None):
+        """Starts at gamma = 1 (the paper's normalised probability), whatever `start`."""
         device = next(model.parameters()).device
         n_layers = len(model.moe_layers())
         log_gamma = torch.zeros(1 if mode == "shared" else n_layers, device=device, requires_grad=True)
@@ -127,22 +129,25 @@ class SGDMethod:
 class SearchMethod:
     """Direct search on the stream's loss under hard deployed widths.
 
-    Shared: the loss at gamma = 2^s for s in `scan` (gamma = 1 among them), then golden-section
-    refinement of log gamma between the best point's neighbours for `refine` evaluations.
-    Layer-wise: from the shared optimum (or `start`), each layer in turn is refined the same way
-    within a factor `span` of its current value, the others fixed, for `sweeps` passes. The best
-    point seen is kept, so the loss never exceeds that of any point evaluated (gamma = 1, or
-    `start`, included). Cost: len(scan) + refine + sweeps x layers x layer_refine evaluations
-    of the stream (21 for two MoE layers)."""
+    Shared: the loss at gamma = 2^s for s in `scan` (gamma = 1 among them), extended by
+    factors of 2 past an end that holds the minimum (at most `extend` more points), then
+    golden-section refinement of log gamma between the best point's neighbours for `refine`
+    evaluations.
+    Layer-wise: from the shared optimum (or `start`: the shared optimum found before on the
+    same stream), each layer in turn is refined the same way within a factor `span` of its
+    current value, the others fixed, for `sweeps` passes. The best point seen is kept, so the
+    loss never exceeds that of any point evaluated (gamma = 1, or `start`, included). Cost:
+    len(scan) + refine + sweeps x layers x layer_refine evaluations of the stream (22 for two
+    MoE layers; 11 from a given start)."""
     scan: tuple[float, ...] = (-2, -1, 0, 1, 2, 3)
+    extend: int = 4               # scan points added beyond an end that holds the minimum
     refine: int = 6
     span: float = 2.0
     layer_refine: int = 5
     sweeps: int = 1
     name: str = "search"
-    start: dict = field(default_factory=dict, repr=False)   # budget -> shared gammas found before
 
-    def learn(self, model, batches, budget, mode, settings, on_step=None):
+    def learn(self, model, batches, budget, mode, settings, on_step=None, start=None):
         trajectory: list[float] = []
 
         def loss(log_gammas: Sequence[float]) -> float:
@@ -152,11 +157,8 @@ class SearchMethod:
                 on_step(len(trajectory) - 1, value)
             return value
 
-        start = self.start.get(budget) if mode == "layerwise" else None
         log_gammas = self.search(loss, len(model.moe_layers()), mode,
                                  [math.log(g) for g in start] if start else None)
-        if mode == "shared":
-            self.start[budget] = [math.exp(t) for t in log_gammas]    # where layer-wise starts
         return [math.exp(t) for t in log_gammas], trajectory, len(trajectory)
 
     def search(self, loss: Callable[[Sequence[float]], float], n_layers: int, mode: str,
@@ -179,6 +181,12 @@ class SearchMethod:
             points = [s * ln2 for s in self.scan]
             values = [cached([t] * n_layers) for t in points]
             i = min(range(len(points)), key=values.__getitem__)
+            while i in (0, len(points) - 1) and len(points) < len(self.scan) + self.extend:
+                # the best point is at an end of the scan: step outwards until the loss rises
+                step = ln2 if i else -ln2
+                points.insert(len(points) if i else 0, points[i] + step)
+                values.insert(len(values) if i else 0, cached([points[-1 if i else 0]] * n_layers))
+                i = min(range(len(points)), key=values.__getitem__)
             lo, hi = points[max(i - 1, 0)], points[min(i + 1, len(points) - 1)]
             best = [golden_section(lambda t: cached([t] * n_layers), lo, hi, self.refine, points[i], values[i])] * n_layers
         if mode == "layerwise":
@@ -221,15 +229,16 @@ def golden_section(f: Callable[[float], float], lo: float, hi: float, steps: int
 
 
 def calibrate(model: MoSEGPT, batches: Batches, budget: float, mode: str, settings: PolicySettings,
-              method: Method | None = None, on_step: Progress | None = None) -> CalibrationResult:
+              method: Method | None = None, on_step: Progress | None = None,
+              start: list[float] | None = None) -> CalibrationResult:
     """Learn gamma for one budget on `batches` with `method` (default `SearchMethod()`); the
-    model must be frozen (`freeze`) and in eval mode."""
+    model must be frozen (`freeze`) and in eval mode. `start`: see `Method.learn`."""
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode {mode!r}: expected one of {MODES}")
     if any(p.requires_grad for p in model.parameters()):
         raise WeightsChanged("calibrate() needs a frozen model: call freeze(model) first")
     method = method or SearchMethod()
-    gamma, trajectory, evaluations = method.learn(model, batches, budget, mode, settings, on_step)
+    gamma, trajectory, evaluations = method.learn(model, batches, budget, mode, settings, on_step, start)
     relaxed = evaluate_policy(model, batches, settings.policy(budget, gamma), relaxed=True)
     hard = evaluate_policy(model, batches, settings.policy(budget, gamma))
     relaxed_1 = evaluate_policy(model, batches, settings.policy(budget, 1.0), relaxed=True)

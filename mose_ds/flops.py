@@ -4,10 +4,14 @@ Two counts of expert work:
 
 * **nominal** (the paper's count, used for frontiers and "FLOPs saved"): each kept slot at
   m = ceil(w H) hidden units of the width w the policy deployed;
-* **executed**: the hidden units the kernels computed. A kernel runs an expert's rows in at
-  most `experts.MAX_RANGES` hidden-unit ranges and rounds each row up to its range's end, so
-  executed >= nominal; they are equal whenever an expert's rows have at most MAX_RANGES
-  distinct sizes (any policy whose widths are rounded to the 16-point training grid).
+* **executed**: the hidden units the kernels computed, so executed >= nominal. The per-expert
+  kernel runs an expert's rows in at most `experts.MAX_RANGES` (16) hidden-unit ranges and
+  rounds each row up to its range's end: widths rounded to the 16-point training grid run
+  exactly their units. What remains: the grouped kernel (bf16 on Hopper / B200) first rounds
+  every size up to a multiple of 8 units (`grouped.GRANULE`); `moe.width_quantum` rounds
+  sizes up to its multiple; continuous widths (`--continuous`), a grid of more than 16
+  widths and slimmable shared experts (at the mean of a token's widths) have more sizes
+  than ranges and round up to range ends.
 
 Two conventions, both broken down into MoE / attention / other:
 

@@ -158,7 +158,7 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_policy(model: MoSEGPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     policy: WidthPolicy, relaxed: bool = False) -> EvalResult:
-    """Token-averaged LM loss, perplexity and executed FLOPs of `policy` on `batches`
+    """Token-averaged LM loss, perplexity and FLOPs (nominal and executed) of `policy` on `batches`
     (`relaxed`: gamma calibration's differentiable forward)."""
     device = next(model.parameters()).device
     meter = FlopsMeter(model.cfg, model.moe_cfg)

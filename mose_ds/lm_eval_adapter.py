@@ -154,8 +154,14 @@ class MoSELM(LM):
 
 
 def _names_device(args) -> bool:
-    """Whether a harness run names a device: `--device`, or `device:` in its `--config` file."""
+    """Whether a harness run names a device: `--device`, `device=` in `--model_args` (the
+    harness passes both to the model, so only one may be set), or `device:` in `--config`."""
     if args.device:
+        return True
+    model_args = getattr(args, "model_args", None)
+    if isinstance(model_args, dict) and "device" in model_args:
+        return True
+    if isinstance(model_args, str) and any(part.strip().startswith("device=") for part in model_args.split(",")):
         return True
     if not getattr(args, "config", None):
         return False

@@ -67,7 +67,8 @@ class RoutingInfo:
     aux_loss: torch.Tensor
     stats: RoutingStats
     nominal_units: torch.Tensor   # the paper's count for this rank's tokens: sum over their kept
-                                  # slots of ceil(w H), plus the shared experts' units (device)
+                                  # slots of ceil(w H) (no width_quantum), plus the shared
+                                  # experts' units (device)
     units: float                  # hidden units this rank's kernels executed (each size rounded up
                                   # to a range end, so at least the nominal units with EP = 1)
     tokens: int                   # T, the tokens this forward routed
@@ -156,7 +157,8 @@ class SlimmableMoE(MoE):
         if self.shared_ffn is not None:
             shared_TD, shared_units = self._run_shared(x_TD, shared_sort, plan.also)
             out_TD, units = out_TD + shared_TD, units + shared_units
-        nominal = (m_TK * route.keep_TK).sum() + self._shared_nominal(w_TK)
+        paper_m_TK = m_TK if self.moe.width_quantum == 1 else hidden_units(w_TK, self.ffn_hidden_size)
+        nominal = (paper_m_TK * route.keep_TK).sum() + self._shared_nominal(w_TK)
         return out_TD.view(S, B, D), RoutingInfo(route.aux_loss, route.stats, nominal, float(units), S * B)
 
     def route(self, x_TD: torch.Tensor, batch: int) -> Route:
@@ -195,7 +197,7 @@ class SlimmableMoE(MoE):
         H = self.shared_ffn.ffn_hidden_size
         if not self.moe.shared_slimmable:
             return w_TK.shape[0] * H
-        return hidden_units(w_TK.detach().mean(dim=-1), H, self.moe.width_quantum).sum()
+        return hidden_units(w_TK.detach().mean(dim=-1), H).sum()
 
     def _run_shared(self, x_TD: torch.Tensor, shared_sort, host: list) -> tuple[torch.Tensor, int]:
         """The shared experts on every token: at full width, or (moe.shared_slimmable) each

@@ -1,8 +1,8 @@
 """Pareto frontiers of perplexity vs MFLOPs/token, and FLOPs saved at matched perplexity.
 
 Points are (mflops, ppl) pairs measured under one policy mode at several budgets. Frontiers
-are drawn against measured compute, never against the nominal budget (clipping makes the
-two differ). Pure functions.
+are drawn against the compute the deployed widths cost (the paper's count), never against
+the budget Gamma (clipping makes the two differ). Pure functions.
 """
 
 from __future__ import annotations

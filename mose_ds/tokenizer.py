@@ -259,12 +259,13 @@ def describe(record: dict) -> str:
     return text
 
 
-def write_record(data: str, out: str) -> list[str]:
+def write_record(data: str, out: str, meta: dict | None = None) -> list[str]:
     """Copy the tokenizer of prepared data folder `data` into folder `out`: its
     `tokenizer.json` and compact vocabulary map when it has them, and last `mose_tokenizer.json`
-    (the record, plus where it came from). Returns the names written."""
+    (the record, plus where it came from). Returns the names written. `meta` stands in for the
+    folder's meta.json (an HF model directory has none: `model_dir_meta`)."""
     from .data import read_meta
-    record = record_of(data, read_meta(data))
+    record = record_of(data, meta if meta is not None else read_meta(data))
     names = []
     if record["tokenizer"] == HF_TOKENIZER_FILE:
         shutil.copyfile(os.path.join(data, HF_TOKENIZER_FILE), os.path.join(out, HF_TOKENIZER_FILE))
@@ -276,6 +277,15 @@ def write_record(data: str, out: str) -> list[str]:
     with open(os.path.join(out, RECORD_FILE), "w") as f:
         json.dump({**record, "source": os.path.abspath(data)}, f, indent=1)
     return names + [RECORD_FILE]
+
+
+def model_dir_meta(model_dir: str) -> dict | None:
+    """What an HF model directory's tokenizer is, as a data folder's meta.json says it: its
+    `tokenizer.json` with the end-of-sequence id of its configs; None without the file."""
+    path = os.path.join(model_dir, HF_TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        return None
+    return {"tokenizer": HF_TOKENIZER_FILE, "base_eot_id": HFTokenizer(path).eot_token}
 
 
 def check_data(checkpoint: str, data: str) -> None:

@@ -132,6 +132,26 @@ def convert(hf_folder, out, *extra) -> int:
     return load_tool("convert_hf_to_mose").main(["--hf", str(hf_folder), "--out", str(out), *extra])
 
 
+def test_conversion_carries_the_models_tokenizer(converted, tmp_path):
+    """An HF directory with a tokenizer.json converts into a folder recording it (the model's
+    own end-of-sequence id included), so evaluating the converted weights never guesses."""
+    import shutil
+    from conftest import gpt2_model_dir
+    from mose_ds.tokenizer import EOT_ID, RECORD_FILE, TextCodec, read_record
+    _, hf, _ = converted
+    with_tokenizer = tmp_path / "hf"
+    shutil.copytree(hf, with_tokenizer)
+    gpt2_model_dir(tmp_path / "tok")
+    shutil.copyfile(tmp_path / "tok" / "tokenizer.json", with_tokenizer / "tokenizer.json")
+    (with_tokenizer / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    assert convert(with_tokenizer, tmp_path / "mose", "--seq-len", "48") == 0
+    record = read_record(str(tmp_path / "mose"))
+    assert record["tokenizer"] == "tokenizer.json" and record["base_eot_id"] == EOT_ID
+    codec = TextCodec.for_checkpoint(str(tmp_path / "mose"))
+    assert codec.encode("Slimmable experts") == [50, 2475, 44102, 6154]      # GPT-2 BPE ids
+    assert not (converted[2] / RECORD_FILE).exists()                 # no tokenizer.json, no record
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """(reference model, its HF folder, the converted weights folder)."""

@@ -207,14 +207,14 @@ def test_grouped_kernel_equals_per_expert_kernel_forward_and_backward(activation
     gradient equal the per-expert kernel's, and the idle expert's are zero."""
     from mose_ds.experts import MAX_RANGES
     from mose_ds.grouped import plan_layout
-    experts = [make(activation, D=16, H=128) for _ in range(4)]
+    experts = [make(activation, D=16, H=256) for _ in range(4)]   # 32 granules: more than MAX_RANGES
     for i, ffn in enumerate(experts):
         with torch.no_grad():
             for p in ffn.parameters():
                 p.mul_(1 + i)                                   # experts differ
     gen = torch.Generator().manual_seed(5)
     e = torch.randint(0, 3, (300,), generator=gen)           # expert 3 idle
-    m = torch.randint(0, 129, (300,), generator=gen)         # 0: no row
+    m = torch.randint(0, 257, (300,), generator=gen)         # 0: no row
     x = torch.randn(300, 16, generator=gen, requires_grad=True)
     g = torch.randn(300, 16, generator=gen)
     (out, grads, units), (ref, ref_grads, ref_units) = grouped_and_per_expert(experts, x, e, m, g)
@@ -222,8 +222,8 @@ def test_grouped_kernel_equals_per_expert_kernel_forward_and_backward(activation
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
     assert all(float(p.abs().sum()) == 0 for p in grads[1:][3 * len(grads[1:]) // 4:])   # expert 3
-    dispatcher = LocalDispatcher(4, 128)
-    layout = plan_layout(dispatcher.dispatch(x, dispatcher.plan(e[:, None], m[:, None], (m > 0)[:, None])), 128)
+    dispatcher = LocalDispatcher(4, 256)
+    layout = plan_layout(dispatcher.dispatch(x, dispatcher.plan(e[:, None], m[:, None], (m > 0)[:, None])), 256)
     assert len(layout.ends) == MAX_RANGES and all(end % 8 == 0 for end in layout.ends)
     ends = torch.tensor(layout.ends).flip(0)
     assert units == layout.units == int(ends[torch.searchsorted(ends, m[m > 0])].sum()) >= ref_units

@@ -51,6 +51,10 @@ def test_search_finds_the_minimum_of_a_known_loss_shared_and_per_layer():
     assert SearchMethod().search(loss, 2, "layerwise") == pytest.approx(target, abs=0.15)
     assert SearchMethod().search(lambda t: (t[0] - math.log(6)) ** 2, 1, "shared")[0] == \
         pytest.approx(math.log(6), abs=0.1)
+    # past the scan's ends (gamma = 20 > 8, gamma = 0.1 < 0.25): the scan extends outwards
+    for target_gamma in (20.0, 0.1):
+        assert SearchMethod().search(lambda t: (t[0] - math.log(target_gamma)) ** 2, 1, "shared")[0] == \
+            pytest.approx(math.log(target_gamma), abs=0.1)
     # layer-wise search from a given start evaluates no shared scan
     calls.clear()
     assert SearchMethod(layer_refine=10).search(loss, 2, "layerwise", start=[0.5, 0.0]) == \

@@ -365,6 +365,9 @@ def test_the_adapter_cli_asks_for_auto_unless_a_device_is_named(monkeypatch, tmp
     for extra, device in (([], "auto"), (["--device", "cpu"], "cpu"), (["--config", str(config)], None)):
         monkeypatch.setattr(sys, "argv", argv + extra)
         assert parse_cli()[1].device == device, extra          # None: the config file's device applies
+    # a device in --model_args: the CLI's stays unset (the harness passes both to the model)
+    monkeypatch.setattr(sys, "argv", argv[:4] + ["checkpoint=RUN,device=cpu"] + argv[5:])
+    assert parse_cli()[1].device is None
 
 
 def test_an_unavailable_device_is_a_one_line_error_naming_it(trained, monkeypatch, capsys):

@@ -164,7 +164,9 @@ def main(argv=None) -> int:
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
 
-        results[mode].append(calibrate(model, batches, budget, mode, settings, method, on_step))
+        shared = next((r.gamma for r in results.get("shared", []) if r.budget == budget), None)
+        begin = shared if mode == "layerwise" and args.method == "search" else None   # same stream, same budget
+        results[mode].append(calibrate(model, batches, budget, mode, settings, method, on_step, begin))
         bar.close()
     if weights_digest(model) != digest:
         raise WeightsChanged("model weights changed during calibration")

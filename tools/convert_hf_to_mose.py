@@ -120,6 +120,7 @@ def convert(args, say) -> tuple[str, int, int]:
     from mose_ds.deepseek import HFConfigError, read_hf_config
     from mose_ds.hf_mapping import merge_fc1, to_ours
     from mose_ds.shards import ShardError, read_tensor, staged_folder, write_file
+    from mose_ds.tokenizer import model_dir_meta, write_record
 
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
@@ -160,6 +161,9 @@ def convert(args, say) -> tuple[str, int, int]:
                 json.dump({"format": FORMAT, "source": os.path.abspath(args.hf), "total_bytes": total,
                            "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
             save_config(cfg, os.path.join(partial, "config.yaml"))
+            meta = model_dir_meta(args.hf)            # the model's own tokenizer travels with it
+            if meta is not None:
+                write_record(args.hf, partial, meta)
     except (ShardError, OSError) as e:
         raise Failure(str(e)) from None
     return out, len(weight_map), total

@@ -10,9 +10,9 @@
 Data for `ppl`, `sweep` and `routing`: a prepared split (`--data DIR --split val`, default the
 checkpoint's own data folder and its validation split) or a text file (`--text FILE`), read
 with the tokenizer the checkpoint records (a `--data` of another tokenizer is refused).
-`--top-k K` routes to K < k experts without retraining (routing transfer). Compute is measured
-from the widths actually executed (MFLOPs/token, paper and standard conventions, see
-mose_ds/flops.py). With --json, stdout carries one JSON object and nothing else.
+`--top-k K` routes to K < k experts without retraining (routing transfer). Compute is reported
+nominal (the paper's sum of ceil(w H) of the deployed widths) and executed (what the kernels
+ran), MFLOPs/token in the paper and standard conventions (mose_ds/flops.py). With --json, stdout carries one JSON object and nothing else.
 
 `sweep` evaluates the modes MoE-at-full-width, uniform (every grid width), normalised
 probability and, with a gamma table, gamma-shared and gamma-layerwise at each budget; it
@@ -337,14 +337,24 @@ def plot_pareto(points, path, title, table1_points=None):
         ax.plot(fx, fy, color=COLORS[mode], label="MoE baseline (not slimmable-trained)" if mode == "moe" else mode)
     for name, r in (table1_points or {}).items():
         if name != "mose_full_width":
+            ttt = "ttt" in name
             ax.scatter([r["mflops_paper"]], [r["ppl"]], s=120, facecolors="none", edgecolors="black", lw=1.2)
-            ax.annotate("Table 1: TTT at Gamma = k" if "ttt" in name else "Table 1: MoE", (r["mflops_paper"], r["ppl"]),
-                        textcoords="offset points", xytext=(6, 6), fontsize=8)
+            ax.annotate("Table 1: TTT at Gamma = k" if ttt else "Table 1: MoE", (r["mflops_paper"], r["ppl"]),
+                        textcoords="offset points", xytext=(-160, 30) if ttt else (-70, 10), fontsize=8,
+                        arrowprops={"arrowstyle": "-", "lw": 0.6})
+    # the y range of our model's modes: a baseline point far above it is marked at the top edge
+    ours = [p for mode, pts in points.items() if mode != "moe" for _, p in pts]
+    top = max(ours) + 0.25 * (max(ours) - min(ours))
+    ax.set_ylim(min(ours) - 0.05 * (max(ours) - min(ours)), top)
+    for flops, ppl in points.get("moe", []):
+        if ppl > top:
+            ax.annotate(f"MoE {ppl:.1f}", (flops, top), textcoords="offset points", xytext=(3, -12),
+                        fontsize=8, color=COLORS["moe"])
     ax.set_xlabel("MFLOPs / token (paper convention: sum of ceil(w H) of the deployed widths)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"{title}: perplexity vs compute, Pareto frontiers")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
