@@ -31,21 +31,29 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
-def _kernels(device: torch.device):
+def _kernels(device: torch.device, masked: bool = False):
     """On CUDA only the fused kernels: a shape they refuse fails instead of silently taking the
-    math fallback's S x S memory. The CPU's choice is left to torch (flash for our shapes;
-    tests/test_attention.py checks it)."""
-    return sdpa_kernel(CUDA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
+    math fallback's S x S memory. A masked call (decoding against a KV cache: a few queries
+    per row) may also take the math kernel, whose memory is queries x slots. The CPU's choice
+    is left to torch (flash for our causal shapes; tests/test_attention.py checks it)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(CUDA_BACKENDS + [SDPBackend.MATH] if masked else CUDA_BACKENDS)
 
 
-def causal_attention(q_BNSH: torch.Tensor, k_BNSH: torch.Tensor, v_BNSV: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + causal mask) v through a fused kernel: [B, N, S, V]."""
-    H, V = q_BNSH.shape[-1], v_BNSV.shape[-1]
+def causal_attention(q_BNSH: torch.Tensor, k_BNLH: torch.Tensor, v_BNLV: torch.Tensor,
+                     scale: float, visible_B1SL: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + causal mask) v through a fused kernel: [B, N, S, V].
+
+    Without `visible_B1SL` the queries and keys are the same S positions (causal from the
+    top left); with it (decoding: S new queries against L cached slots) query i of row b
+    sees the slots where `visible_B1SL[b, 0, i]` is true."""
+    H, V = q_BNSH.shape[-1], v_BNLV.shape[-1]
     if V < H:      # the fused kernels need equal head dims: zero columns, dropped below
-        v_BNSV = F.pad(v_BNSV, (0, H - V))
-    with _kernels(q_BNSH.device):
-        o_BNSH = F.scaled_dot_product_attention(q_BNSH, k_BNSH, v_BNSV, is_causal=True, scale=scale)
+        v_BNLV = F.pad(v_BNLV, (0, H - V))
+    with _kernels(q_BNSH.device, masked=visible_B1SL is not None):
+        o_BNSH = F.scaled_dot_product_attention(q_BNSH, k_BNLH, v_BNLV, attn_mask=visible_B1SL,
+                                                is_causal=visible_B1SL is None, scale=scale)
     return o_BNSH[..., :V] if V < H else o_BNSH
 
 
@@ -64,10 +72,39 @@ def backend_name(device: torch.device, dtype: torch.dtype, heads: int, head_dim:
     return "none (no fused kernel accepts these shapes; attention will fail)"
 
 
+class FullSequence:
+    """The attention context of a whole-sequence forward (training, evaluation; decoding
+    against a KV cache has its own, kv_cache.py): positions 0..S-1, nothing stored, the
+    fused causal kernel. Stateless; `FULL_SEQUENCE` is the one instance."""
+
+    def layer(self, index: int) -> "FullSequence":
+        return self
+
+    def positions(self, S: int, device) -> torch.Tensor:
+        return torch.arange(S, device=device)                                     # [S]
+
+    def extend(self, *new_BqX: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return new_BqX
+
+    def attend(self, q_BNqH, k_BNLH, v_BNLV, scale: float) -> torch.Tensor:
+        return causal_attention(q_BNqH, k_BNLH, v_BNLV, scale)
+
+
+FULL_SEQUENCE = FullSequence()
+
+
+def context_of(attention_mask):
+    """The attention context carried in megatron's `attention_mask` argument: ours when the
+    model passes one (kv_cache.py), else the whole sequence (megatron's own callers pass
+    None or its causal mask tensor, which the fused kernel reproduces)."""
+    return attention_mask if hasattr(attention_mask, "attend") else FULL_SEQUENCE
+
+
 class FusedCausalAttention(nn.Module):
     """megatron's `core_attention` interface ([S, B, N, H] q, k, v in; [S, B, N * H] out)
-    on `causal_attention`. The attention mask argument is ignored: the kernel applies the
-    causal mask itself (the only mask our blocks use, checked at construction)."""
+    on `causal_attention`. The attention mask argument carries the attention context of
+    `kv_cache.py` instead of a mask: the only mask our blocks use is causal (checked at
+    construction), which the context applies."""
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, softmax_scale=None,
                  **_megatron_kwargs):
@@ -81,7 +118,11 @@ class FusedCausalAttention(nn.Module):
         self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
     def forward(self, query_SBNH, key_SBNH, value_SBNH, attention_mask=None, **_unused):
+        """`attention_mask`: the forward's attention context (kv_cache.py; None: the whole
+        sequence), which stores this chunk's keys and values when decoding."""
+        context = context_of(attention_mask)
         S, B, N, _ = query_SBNH.shape
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query_SBNH, key_SBNH, value_SBNH))
-        o_BNSH = causal_attention(q, k, v, self.scale)
+        k_BLNH, v_BLNH = context.extend(key_SBNH.transpose(0, 1), value_SBNH.transpose(0, 1))
+        o_BNSH = context.attend(query_SBNH.permute(1, 2, 0, 3), k_BLNH.transpose(1, 2), v_BLNH.transpose(1, 2),
+                                self.scale)
         return o_BNSH.permute(2, 0, 1, 3).reshape(S, B, -1)

@@ -24,7 +24,7 @@ import os
 import torch
 from torch import nn
 
-from .attention import causal_attention
+from .attention import context_of
 
 MODEL_TYPE = "deepseek_v2"
 # HF keys every DeepSeek-V2 config must have (others have the reference's defaults).
@@ -175,13 +175,18 @@ class MultiLatentAttention(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.scale = softmax_scale(hf)
 
-    def rotary(self, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        angles_SP2 = torch.arange(S, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)
-        return angles_SP2.cos() * self.rope_scale, angles_SP2.sin() * self.rope_scale
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of positions [S] or [B, S]: [1, S, P / 2] or [B, 1, S, P / 2], which
+        broadcast over the heads of [B, N, S, P]."""
+        angles = positions.float()[..., None] * self.inv_freq.to(positions.device)
+        return (angles.cos() * self.rope_scale).unsqueeze(-3), (angles.sin() * self.rope_scale).unsqueeze(-3)
 
     def forward(self, hidden_SBD: torch.Tensor, attention_mask=None, **_unused):
-        """Causal self-attention; returns (output, None) like megatron's attention modules
-        (`attention_mask` is the causal mask, which SDPA's `is_causal` reproduces)."""
+        """Causal self-attention; returns (output, None) like megatron's attention modules.
+        `attention_mask` is the attention context (kv_cache.py; None: the whole sequence).
+        A KV cache holds the compressed latent (normed, R) and the rotated shared key (P)
+        per token: (R + P) values instead of N (Q + P + V)."""
+        context = context_of(attention_mask)
         S, B, _ = hidden_SBD.shape
         x_BSD = hidden_SBD.transpose(0, 1)
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD))) if self.q_lora_rank else self.q_proj(x_BSD)
@@ -189,13 +194,15 @@ class MultiLatentAttention(nn.Module):
         q_nope, q_rope = q_BNSH.split([self.Q, self.P], dim=-1)
         latent_BSRP = self.kv_a_proj_with_mqa(x_BSD)
         kv_BSR, k_rope_BSP = latent_BSRP.split([self.R, self.P], dim=-1)
-        kv_BNSH = self.kv_b_proj(self.kv_a_layernorm(kv_BSR)).view(B, S, self.N, self.Q + self.V).transpose(1, 2)
-        k_nope, v_BNSV = kv_BNSH.split([self.Q, self.V], dim=-1)
-        cos, sin = self.rotary(S, x_BSD.device)
+        cos, sin = self.rotary(context.positions(S, x_BSD.device))
         q_rope = apply_rope(q_rope, cos, sin)
-        k_rope_B1SP = apply_rope(k_rope_BSP.unsqueeze(1), cos, sin)
+        k_rope_BSP = apply_rope(k_rope_BSP.unsqueeze(1), cos, sin).squeeze(1)
+        kv_BLR, k_rope_BLP = context.extend(self.kv_a_layernorm(kv_BSR), k_rope_BSP)
+        L = kv_BLR.shape[1]
+        kv_BNLH = self.kv_b_proj(kv_BLR).view(B, L, self.N, self.Q + self.V).transpose(1, 2)
+        k_nope, v_BNLV = kv_BNLH.split([self.Q, self.V], dim=-1)
         q_BNSH = torch.cat([q_nope, q_rope], dim=-1)
-        k_BNSH = torch.cat([k_nope, k_rope_B1SP.expand(B, self.N, S, self.P)], dim=-1)
-        o_BNSV = causal_attention(q_BNSH, k_BNSH, v_BNSV, self.scale)   # v padded for the fused kernel
+        k_BNLH = torch.cat([k_nope, k_rope_BLP.unsqueeze(1).expand(B, self.N, L, self.P)], dim=-1)
+        o_BNSV = context.attend(q_BNSH, k_BNLH, v_BNLV, self.scale)     # v padded for the fused kernel
         out_BSD = self.o_proj(o_BNSV.transpose(1, 2).reshape(B, S, self.N * self.V))
         return out_BSD.transpose(0, 1), None

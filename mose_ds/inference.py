@@ -77,9 +77,12 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_model(path: str, top_k: int | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(path: str, top_k: int | None = None, device: str | torch.device = "cpu",
+               dropless: bool = False) -> LoadedModel:
     """The checkpoint's model on one rank (fp32, eval mode), optionally routing to `top_k`
-    experts instead of the trained k (inference-time routing transfer, k' < k)."""
+    experts instead of the trained k (inference-time routing transfer, k' < k). `dropless`:
+    no expert capacity (generation: a token's output must not depend on the other tokens of
+    its forward, or decoding with a cache would differ from the full sequence)."""
     from . import engine as engine_lib
 
     folder = resolve_checkpoint(path)
@@ -89,6 +92,8 @@ def load_model(path: str, top_k: int | None = None, device: str | torch.device =
         if not 1 <= top_k <= cfg.moe.top_k:
             raise CheckpointError(f"top_k={top_k}: routing transfer needs 1 <= k' <= trained k={cfg.moe.top_k}")
         moe = dataclasses.replace(moe, top_k=top_k)
+    if dropless:
+        moe = dataclasses.replace(moe, drop_tokens=False)
     cfg = dataclasses.replace(cfg, moe=moe)
     engine_lib.init_distributed(device=device)        # the process group (its first call decides it)
     with devices.choose(device, why="loading a model"):

@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import FusedCausalAttention
+from .attention import FULL_SEQUENCE, FusedCausalAttention
 from .config import ModelConfig, MoEConfig
 from .deepseek import MultiLatentAttention
 from .gating import RouterSpec
@@ -147,28 +147,35 @@ class MoSEGPT(nn.Module):
     def moe_layers(self) -> list[SlimmableMoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SlimmableMoE)]
 
-    def forward(self, tokens_BS: torch.Tensor, width_policy: WidthPolicy = FULL_WIDTH, relaxed: bool = False
-                ) -> tuple[torch.Tensor, list[RoutingInfo]]:
+    def forward(self, tokens_BS: torch.Tensor, width_policy: WidthPolicy = FULL_WIDTH, relaxed: bool = False,
+                context=FULL_SEQUENCE) -> tuple[torch.Tensor, list[RoutingInfo]]:
         """Logits and one RoutingInfo per MoE layer. `relaxed`: gamma calibration's
-        differentiable forward (continuous widths through a soft mask over hidden units)."""
+        differentiable forward (continuous widths through a soft mask over hidden units).
+        `context`: the whole sequence, or one step of decoding against a KV cache
+        (`kv_cache.KVCache.step`), which gives the positions and stores keys and values."""
         B, S = tokens_BS.shape
         h_BSD = self.wte(tokens_BS)
         if self.wpe is not None:
-            h_BSD = h_BSD + self.wpe(torch.arange(S, device=tokens_BS.device))
+            h_BSD = h_BSD + self.wpe(context.positions(S, tokens_BS.device))
         h_SBD = h_BSD.transpose(0, 1).contiguous()
-        mask = None                 # attention is causal by construction (attention.py)
         routing = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
+            attention = context.layer(index)    # megatron's attention_mask slot carries the context
             if recompute:   # non-reentrant: RNG state is replayed, outputs may be any structure
-                h_SBD, info = checkpoint(layer, h_SBD, mask, width_policy, relaxed, use_reentrant=False)
+                h_SBD, info = checkpoint(layer, h_SBD, attention, width_policy, relaxed, use_reentrant=False)
             else:
-                h_SBD, info = layer(h_SBD, mask, width_policy, relaxed)
+                h_SBD, info = layer(h_SBD, attention, width_policy, relaxed)
             if info is not None:
                 routing.append(info)
         h_BSD = self.final_norm(h_SBD).transpose(0, 1)
         head = self.wte.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h_BSD, head), routing                           # [B, S, V]
+
+    def first_moe_block(self) -> int:
+        """The index of the first block with a MoE mlp: the blocks up to it (attention
+        included) see the same inputs at every width policy."""
+        return next(i for i, layer in enumerate(self.layers) if isinstance(layer.mlp, SlimmableMoE))
 
     def global_parameters(self, expert_rank: int = 0):
         """(name, parameter) pairs with experts named by their global index

@@ -144,7 +144,7 @@ class SlimmableMoE(MoE):
     def forward(self, hidden_SBD: torch.Tensor, width_policy: WidthPolicy, relaxed: bool = False):
         S, B, D = hidden_SBD.shape
         x_TD = hidden_SBD.reshape(S * B, D)
-        route = self.route(x_TD, B)                                                   # 1.
+        route = self.route(x_TD, B, getattr(width_policy, "top_k", None) or self.k)   # 1.
         w_TK = width_policy(route.p_TK, self.layer_index, relaxed)                    # 2.
         m_TK = hidden_units(w_TK, self.ffn_hidden_size, self.moe.width_quantum)
         shared_sort = self._sort_shared(w_TK)
@@ -161,10 +161,13 @@ class SlimmableMoE(MoE):
         nominal = (paper_m_TK * route.keep_TK).sum() + self._shared_nominal(w_TK)
         return out_TD.view(S, B, D), RoutingInfo(route.aux_loss, route.stats, nominal, float(units), S * B)
 
-    def route(self, x_TD: torch.Tensor, batch: int) -> Route:
-        """fp32 logits, top-k and combine weights (RouterSpec), capacity slots (top-1 choices
-        first; all kept when dropless), balance and z losses, routing statistics."""
-        T, E, K = x_TD.shape[0], self.num_experts, self.k
+    def route(self, x_TD: torch.Tensor, batch: int, k: int) -> Route:
+        """fp32 logits, top-k (k <= the trained k) and combine weights (RouterSpec), capacity
+        slots (top-1 choices first; all kept when dropless), balance and z losses, routing
+        statistics."""
+        T, E, K = x_TD.shape[0], self.num_experts, k
+        if not 1 <= k <= self.k:
+            raise ValueError(f"routing to top_k={k} experts: needs 1 <= k' <= trained k={self.k}")
         logits_TE = self.router(x_TD)
         idx_TK, p_TK = top_k_routing(logits_TE, K, self.router_spec)
         counts_E = expert_counts(idx_TK, E)

@@ -1,10 +1,15 @@
 """TensorBoard logging on rank 0: width-wise validation curves and routing diagnostics.
 
-Scalars: `val/ppl/w0.25 ... val/ppl/w1.00` and `val/loss/w...` (one per evaluation width,
-each set overlaid in one custom-scalars chart; a run started with `checkpoint.init_from` also
-logs them at step 0, where continual pre-training starts), `train/*` for both branch losses, the sampled width, lr, grad norm
-and tokens/s, and `routing/<branch>/layer<i>/<stat>` for each MoE layer (paper appendix
-B.3 and B.5).
+Each evaluation width is a TensorBoard run of its own, `<out>/tensorboard/w0.25/` ...
+`w1.00/`, holding the tags `val/ppl` and `val/loss`: TensorBoard's TIME SERIES and SCALARS
+pages then overlay the widths in one chart each, one colour per width, named by the run
+(tags of one run would share a colour, or get a card each). A run started with
+`checkpoint.init_from` also logs them at step 0, where continual pre-training starts.
+
+The run at `<out>/tensorboard/` itself holds `train/*` (both branch losses, the sampled
+width, lr, grad norm, tokens/s), `routing/<branch>/layer<i>/<stat>` for each MoE layer
+(paper appendix B.3 and B.5), and a custom-scalars layout with the width curves and both
+training losses.
 """
 
 from __future__ import annotations
@@ -40,13 +45,15 @@ class Monitor:
     def __init__(self, out_dir: str, enabled: bool, eval_widths: list[float]):
         self.writer = None
         self.path = os.path.join(out_dir, "tensorboard")
+        self.width_writers = {}
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(self.path)
-            self.writer.add_custom_scalars({"MoSE": {
-                "validation perplexity by width": ["Multiline", [f"val/ppl/{width_tag(w)}" for w in eval_widths]],
-                "validation loss by width": ["Multiline", [f"val/loss/{width_tag(w)}" for w in eval_widths]],
-                "training loss by branch": ["Multiline", ["train/loss_full", "train/loss_width"]]}})
+            self.width_writers = {w: SummaryWriter(os.path.join(self.path, width_tag(w))) for w in eval_widths}
+            self.writer.add_custom_scalars({"MoSE": {     # tag regexes, matched in every run
+                "validation perplexity by width": ["Multiline", ["^val/ppl$"]],
+                "validation loss by width": ["Multiline", ["^val/loss$"]],
+                "training loss by branch": ["Multiline", ["^train/loss_full$", "^train/loss_width$"]]}})
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -54,11 +61,16 @@ class Monitor:
                 self.writer.add_scalar(key, value, step)
 
     def validation(self, val: dict[float, float], step: int) -> None:
-        """Perplexity and loss per evaluation width ({width: perplexity})."""
-        self.scalars({f"val/ppl/{width_tag(w)}": p for w, p in val.items()}, step)
-        self.scalars({f"val/loss/{width_tag(w)}": math.log(p) for w, p in val.items()}, step)
+        """Perplexity and loss per evaluation width ({width: perplexity}), each width in its
+        own run."""
+        for width, ppl in val.items():
+            writer = self.width_writers.get(width)
+            if writer is not None:
+                writer.add_scalar("val/ppl", ppl, step)
+                writer.add_scalar("val/loss", math.log(ppl), step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        for writer in [self.writer, *self.width_writers.values()]:
+            if writer is not None:
+                writer.flush()
+                writer.close()

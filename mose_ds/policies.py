@@ -1,7 +1,8 @@
 """Width policies from user-facing specifications (CLI flags, lm-eval model args, gamma tables).
 
-The maths lives in `widths.py`; this module turns names and files into policies and refuses
-bad specifications with one-line errors:
+The maths lives in `widths.py`; this module turns names, flags and files into policies and
+refuses bad specifications with one-line errors (it imports torch only to build a policy, so
+commands parse their flags without it):
 
 * `full`      - plain MoE: every selected expert at full width (Gamma = k);
 * `uniform`   - every selected expert at `width`;
@@ -17,8 +18,6 @@ import os
 from dataclasses import dataclass
 
 import yaml
-
-from .widths import FULL_WIDTH, NormProbPolicy, UniformPolicy, WidthPolicy
 
 KINDS = ("full", "uniform", "normprob", "gamma")
 
@@ -62,6 +61,24 @@ class PolicySpec:
         return f"gamma-{self.gamma_mode} Gamma={self.budget:g}"
 
 
+def add_policy_arguments(p) -> None:
+    """The width-policy flags of every command (an argparse parser or group)."""
+    p.add_argument("--policy", default="full", choices=KINDS, help="width policy")
+    p.add_argument("--width", type=float, help="uniform width in (0, 1]")
+    p.add_argument("--budget", type=float, help="per-token budget Gamma in (0, k] (normprob, gamma)")
+    p.add_argument("--gamma", type=float, default=1.0, help="normprob sharpness")
+    p.add_argument("--table", help="gamma table from mose-calibrate (policy gamma)")
+    p.add_argument("--gamma-mode", default="layerwise", choices=["shared", "layerwise"])
+    p.add_argument("--exact-budget", action="store_true", help="widths of a token sum to Gamma")
+    p.add_argument("--continuous", action="store_true", help="do not round widths to the grid")
+
+
+def spec_from_arguments(args) -> PolicySpec:
+    """The PolicySpec of parsed `add_policy_arguments` flags."""
+    return PolicySpec(kind=args.policy, width=args.width, budget=args.budget, gamma=args.gamma, table=args.table,
+                      gamma_mode=args.gamma_mode, exact_budget=args.exact_budget, continuous=args.continuous)
+
+
 def read_gamma_table(path: str, identity: dict | None = None) -> dict:
     """A gamma table, checked against the checkpoint `identity` (LoadedModel.identity)."""
     if not os.path.isfile(path):
@@ -96,8 +113,9 @@ def table_gammas(table: dict, mode: str, budget: float, path: str = "gamma table
                       f"(calibrated: {[e['budget'] for e in entries]})")
 
 
-def build_policy(spec: PolicySpec, cfg, identity: dict | None = None) -> WidthPolicy:
-    """The policy of `spec` for a model of config `cfg` (a RunConfig)."""
+def build_policy(spec: PolicySpec, cfg, identity: dict | None = None):
+    """The width policy (widths.py) of `spec` for a model of config `cfg` (a RunConfig)."""
+    from .widths import FULL_WIDTH, NormProbPolicy, UniformPolicy    # torch: not needed to parse flags
     k = cfg.moe.top_k
     if spec.kind not in KINDS:
         raise PolicyError(f"unknown policy {spec.kind!r}: expected one of {', '.join(KINDS)}")

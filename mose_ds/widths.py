@@ -32,7 +32,9 @@ import torch
 
 class WidthPolicy(Protocol):
     """`policy(p_TK, layer, relaxed) -> w_TK`; `relaxed`: the forward is gamma calibration's
-    differentiable one, so widths stay continuous (no grid rounding)."""
+    differentiable one, so widths stay continuous (no grid rounding). A policy with a
+    `top_k` other than None also routes each token to that many experts (k' <= the trained
+    k: routing transfer on the same weights, as a self-speculative draft does)."""
 
     def __call__(self, p_TK: torch.Tensor, layer: int, relaxed: bool = False) -> torch.Tensor: ...
 
@@ -41,6 +43,7 @@ class WidthPolicy(Protocol):
 class UniformPolicy:
     """Every selected expert of every layer runs at `width` (paper eq. 5 with w(x) = w)."""
     width: float
+    top_k: int | None = None
 
     def __post_init__(self):
         if not 0 < self.width <= 1:
@@ -143,6 +146,7 @@ class NormProbPolicy:
     wmax: float = 1.0
     grid: Sequence[float] | None = None
     exact_budget: bool = False
+    top_k: int | None = None
 
     def __post_init__(self):
         if not 0 < self.wmin <= self.wmax <= 1:

@@ -1,5 +1,6 @@
 """Engine-level behaviour of training, in one process (one gloo rank)."""
 
+import math
 import os
 import subprocess
 import sys
@@ -111,11 +112,20 @@ def test_tensorboard_has_width_curves_layout_and_routing(tmp_path, corpus):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg, _ = run(tmp_path, corpus, "tb", train={"max_iters": 2, "eval_interval": 1, "log_interval": 1},
                  logging={"tensorboard": True}, engine={"zero_stage": 1})
-    acc = EventAccumulator(os.path.join(cfg.logging.out_dir, "tensorboard"))
+    root = os.path.join(cfg.logging.out_dir, "tensorboard")
+    acc = EventAccumulator(root)
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for w in ("w0.25", "w0.50", "w0.75", "w1.00"):
-        assert f"val/ppl/{w}" in tags and len(acc.Scalars(f"val/ppl/{w}")) == 2
+    assert not any(t.startswith("val/") for t in tags)       # widths are runs of their own, not tags
+    val = {}
+    for w in ("0.25", "0.50", "0.75", "1.00"):                # one run per width: one colour each
+        run_acc = EventAccumulator(os.path.join(root, f"w{w}"))
+        run_acc.Reload()
+        assert set(run_acc.Tags()["scalars"]) == {"val/ppl", "val/loss"}
+        ppl, loss = ([e.value for e in run_acc.Scalars(t)] for t in ("val/ppl", "val/loss"))
+        assert len(ppl) == 2 and loss == pytest.approx([math.log(p) for p in ppl], rel=1e-5)
+        val[w] = ppl
+    assert len({tuple(v) for v in val.values()}) == 4          # each run holds its own width's curve
     for tag in ("train/loss_full", "train/loss_width", "train/width", "train/lr", "train/grad_norm",
                 "train/tokens_per_s", "routing/full/layer0/load_cv", "routing/width/layer0/entropy",
                 "routing/width/layer0/aux_loss", "routing/full/layer0/z_loss", "routing/full/layer0/dropped_frac"):
@@ -123,7 +133,8 @@ def test_tensorboard_has_width_curves_layout_and_routing(tmp_path, corpus):
     from tensorboard.plugins.custom_scalar import layout_pb2
     layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-    assert charts["validation perplexity by width"] == [f"val/ppl/w{w}" for w in ("0.25", "0.50", "0.75", "1.00")]
+    assert charts["validation perplexity by width"] == ["^val/ppl$"]
+    assert charts["validation loss by width"] == ["^val/loss$"]
 
 
 def test_each_iteration_trains_the_width_sample_width_draws_for_it(tmp_path, corpus, world, monkeypatch):

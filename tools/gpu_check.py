@@ -18,6 +18,9 @@ reason, and the others still run):
                     plan; a resume to 45; its universal checkpoint (convert_checkpoint.py) resumed
   deepseek          a 4-layer DeepSeek-V2-Lite-shaped model at sequence 4096, dropless, activation
                     checkpointing, bf16: forward + backward + step, finite losses, memory, tokens/s
+  decoding          KV-cache decoding of tiny GPT-2 and DeepSeek-V2 models (masked attention on the
+                    device's kernels) against their full forward in fp32, every policy kind; greedy
+                    self-speculative text equal to plain greedy text; bf16 generation runs
 
 Tensors agree when ||got - want|| / ||want|| <= 2e-2 in bf16 (a few roundings of bf16's 2^-8
 unit; the CPU's bf16 layer is at 5e-3) or 1e-4 in fp32 (summation order). `--smoke` runs the same
@@ -219,7 +222,7 @@ def reference_moe(layer, x_SBD: torch.Tensor, policy) -> torch.Tensor:
     from mose_ds.widths import hidden_units
     S, B, D = x_SBD.shape
     x_TD, H = x_SBD.reshape(S * B, D), layer.ffn_hidden_size
-    route = layer.route(x_TD, B)
+    route = layer.route(x_TD, B, layer.k)
     m_TK = hidden_units(policy(route.p_TK, 0), H, layer.moe.width_quantum)
     out_TD = torch.zeros_like(x_TD)
     for e, expert in enumerate(layer.local_experts):
@@ -443,11 +446,62 @@ def check_deepseek(ctx) -> dict:
                   f"(last {losses[-1]:.3f}); {mem}", losses=losses, tokens_per_s=tokens_per_s, params=params)
 
 
+def check_decoding(ctx) -> dict:
+    from mose_ds.config import from_dict
+    from mose_ds.generation import PlainDecoding, SelfSpeculativeDecoding
+    from mose_ds.kv_cache import KVCache
+    from mose_ds.model import MoSEGPT
+    from mose_ds.widths import FULL_WIDTH, NormProbPolicy, UniformPolicy
+    tiny = {"name": "decode", "num_layers": 4, "num_heads": 2, "hidden_size": 64, "vocab_size": 64, "seq_len": 64,
+            "init_std": 0.15}
+    configs = {"gpt2": from_dict({"model": tiny, "moe": {"num_experts": 4, "top_k": 2, "drop_tokens": False}}),
+               "deepseek_v2": from_dict({"model": {"hf_config": os.path.join(ROOT, "ds_configs", "hf", "tiny_deepseek_v2"),
+                                                   "seq_len": 64}, "moe": {"drop_tokens": False}})}
+    errors, identical, gen = {}, {}, torch.Generator().manual_seed(0)
+    for family, cfg in configs.items():
+        with torch.device("cpu"):
+            model = MoSEGPT(cfg.model, cfg.moe)
+        for layer in model.moe_layers():
+            layer.set_deepspeed_parallelism()
+        model.init_weights(0)
+        model = model.to(ctx.device).eval()
+        vocab = min(cfg.model.vocab_size, 64)
+        rows = [torch.randint(0, vocab, (n,), generator=gen) for n in (13, 7, 10)]
+        policies = {"full": FULL_WIDTH, "uniform0.5": UniformPolicy(0.5),
+                    "normprob1": NormProbPolicy(1.0, grid=cfg.mose.grid), "top_k1": UniformPolicy(0.75, top_k=1)}
+        with torch.no_grad():
+            for name, policy in policies.items():
+                full = [model(r[None].to(ctx.device), policy)[0][0] for r in rows]
+                cache, start, got = KVCache(len(model.layers), 3, 16, ctx.device), 0, [[] for _ in rows]
+                for size in (5, 1, 1, 4, 1, 1, 1):
+                    ids = torch.zeros(3, size, dtype=torch.long)
+                    for b, r in enumerate(rows):
+                        part = r[start:start + size]
+                        ids[b, :len(part)] = part
+                    logits, _ = model(ids.to(ctx.device), policy, context=cache.step([start] * 3, size))
+                    for b, r in enumerate(rows):
+                        got[b].append(logits[b, :max(0, min(size, len(r) - start))])
+                    start += size
+                errors[f"{family}/{name}"] = max(rel_error(torch.cat(g), f) for g, f in zip(got, full))
+            prompts = [torch.randint(0, vocab, (int(n),), generator=gen).tolist() for n in torch.randint(2, 9, (8,))]
+            plain = PlainDecoding(model, FULL_WIDTH).generate(prompts, 16)
+            for w, n in ((0.25, 2), (0.5, 4), (0.75, 8)):
+                spec = SelfSpeculativeDecoding(model, FULL_WIDTH, UniformPolicy(w), n).generate(prompts, 16)
+                identical[f"{family}/w{w}/N{n}"] = [spec.tokens == plain.tokens, round(spec.acceptance_rate, 3)]
+            bf16 = PlainDecoding(model.to(torch.bfloat16), UniformPolicy(0.5)).generate(prompts, 16)
+            identical[f"{family}/bf16_tokens"] = [bf16.new_tokens == 8 * 16, None]
+    worst = max(errors.values())
+    ok = worst <= TOLERANCE[torch.float32] and all(v[0] for v in identical.values())
+    return result(ok, f"cached logits vs full forward, fp32, worst relative error {worst:.1e} over "
+                  f"{len(errors)} family/policy pairs; greedy self-speculative == plain: "
+                  f"{sum(v[0] for v in identical.values())}/{len(identical)}", errors=errors, identical=identical)
+
+
 # --------------------------------------------------------------------------- driver
 
 CHECKS = {"environment": check_environment, "grouped_mm": check_grouped_mm, "moe_vs_cpu": check_moe_vs_cpu,
           "host_syncs": check_host_syncs, "bench_moe": check_bench_moe, "bench_attention": check_bench_attention,
-          "train_resume": check_train_resume, "deepseek": check_deepseek}
+          "train_resume": check_train_resume, "deepseek": check_deepseek, "decoding": check_decoding}
 
 
 def run_check(fn, ctx) -> dict:
@@ -483,12 +537,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join("runs", "gpu_check", "gpu_check.json"), help="JSON results")
     p.add_argument("--smoke", action="store_true", help="the same checks on the CPU at toy sizes")
+    p.add_argument("--only", nargs="+", choices=list(CHECKS), default=None, help="run these checks only")
     args = p.parse_args(argv)
     mode, start, results = "smoke" if args.smoke else "gpu", time.perf_counter(), {}
     report = os.fdopen(os.dup(1), "w", buffering=1)          # the check lines; library chatter goes to stderr
     with report, stdout_to_stderr(), tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         try:
-            ctx, names = context(args.smoke, tmp), list(CHECKS)
+            ctx, names = context(args.smoke, tmp), list(args.only or CHECKS)
         except Exception as e:                                          # noqa: BLE001  (no device, no checks)
             results["environment"], names = result(False, f"{type(e).__name__}: {e}", seconds=0.0), []
             print(f"FAIL  {'environment':<15} {results['environment']['summary']}", file=report)
