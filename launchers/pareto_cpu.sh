@@ -15,12 +15,12 @@ OUT="${OUT:-runs/small_cpu}"
 MOE_OUT="${MOE_OUT:-${OUT}_moe}"
 
 if [ ! -f "$OUT/data/meta.json" ]; then
-  "$PY" tools/prepare_data.py --input corpus/tinyshakespeare.txt --out "$OUT/data" --tokenizer bytes
+  mose-prepare --input corpus/tinyshakespeare.txt --out "$OUT/data" --tokenizer bytes
 fi
 "$PY" -m mose_ds.train --config ds_configs/small_cpu.yaml data.path="$OUT/data" logging.out_dir="$OUT" "$@"
 "$PY" -m mose_ds.train --config ds_configs/small_cpu.yaml data.path="$OUT/data" logging.out_dir="$MOE_OUT" \
   mose.enabled=false "$@"
-"$PY" tools/calibrate_gamma.py --ckpt "$OUT" --mode both --out "$OUT/gamma_table.yaml" --force
-"$PY" tools/evaluate.py sweep --ckpt "$OUT" --table "$OUT/gamma_table.yaml" --baseline "$MOE_OUT" --batches 27 \
+mose-calibrate --ckpt "$OUT" --mode both --out "$OUT/gamma_table.yaml" --force
+mose-eval sweep --ckpt "$OUT" --table "$OUT/gamma_table.yaml" --baseline "$MOE_OUT" --batches 27 \
   --out "$OUT/pareto" --force
-"$PY" tools/evaluate.py routing --ckpt "$OUT" --out "$OUT/routing" --force
+mose-eval routing --ckpt "$OUT" --out "$OUT/routing" --force

@@ -89,6 +89,10 @@ class FullSequence:
     def attend(self, q_BNqH, k_BNLH, v_BNLV, scale: float) -> torch.Tensor:
         return causal_attention(q_BNqH, k_BNLH, v_BNLV, scale)
 
+    def latent_attention(self, mla, *args) -> torch.Tensor:
+        """Multi-latent attention over the whole sequence: keys and values expanded."""
+        return mla.expanded(self, *args)
+
 
 FULL_SEQUENCE = FullSequence()
 

@@ -10,11 +10,11 @@ reports it and falls back to the newest checkpoint that verifies. `latest` is re
 atomically, only after the manifest; the last `checkpoint.keep_last` good checkpoints are
 kept. The iteration and data position travel in DeepSpeed's client state. Resuming with a
 config whose architecture or parallel layout differs from the checkpoint's is refused (a
-different layout goes through tools/convert_checkpoint.py). Every `.pt` file, ours and
+different layout goes through mose-convert-checkpoint). Every `.pt` file, ours and
 DeepSpeed's, is read through `safe_load`: as tensors and a few known types, never as code.
 
 `checkpoint.init_from` is the other way in: a weights folder (written by
-`tools/convert_hf_to_mose.py`) whose tensors initialise a new run at iteration 0 with a fresh
+`mose-convert-hf`) whose tensors initialise a new run at iteration 0 with a fresh
 optimizer, under any expert-parallel layout. Resuming continues a run; init_from starts one.
 """
 
@@ -220,7 +220,7 @@ def find_resume(cfg: RunConfig, report=print) -> str | None:
     if mode != "auto":
         if not os.path.exists(root):
             raise CheckpointError(f"checkpoint.resume: no such checkpoint: {root}")
-        if os.path.isfile(os.path.join(root, "universal.json")):    # tools/convert_checkpoint.py
+        if os.path.isfile(os.path.join(root, "universal.json")):    # mose-convert-checkpoint
             if tags(cfg.checkpoint_dir):     # a restarted job continues from what it saved since
                 report(f"note: {cfg.checkpoint_dir} already holds this run's checkpoints; "
                        f"resuming from them, not from {root}")
@@ -246,14 +246,14 @@ def find_resume(cfg: RunConfig, report=print) -> str | None:
 
 def check_layout(folder: str, world_size: int, expert_parallel_size: int) -> None:
     """Refuse a checkpoint written by another world size or expert-parallel size: its ZeRO
-    shards cannot be read by this job (tools/convert_checkpoint.py makes one that can)."""
+    shards cannot be read by this job (mose-convert-checkpoint makes one that can)."""
     with open(os.path.join(folder, MANIFEST)) as f:
         saved = json.load(f)
     if (saved["world_size"], saved["expert_parallel_size"]) != (world_size, expert_parallel_size):
         raise CheckpointError(
             f"checkpoint {folder} was written by {saved['world_size']} rank(s) with expert-parallel size "
             f"{saved['expert_parallel_size']}; this job has {world_size} with {expert_parallel_size}. Convert it: "
-            f"python tools/convert_checkpoint.py --ckpt {folder} --out <dir>, then resume from <dir>")
+            f"mose-convert-checkpoint --ckpt {folder} --out <dir>, then resume from <dir>")
 
 
 def torch_load(path: str) -> dict:
@@ -315,14 +315,14 @@ WEIGHTS_INDEX = "weights.index.json"
 
 
 def read_weights_index(folder: str) -> dict[str, str]:
-    """{tensor name: file} of a weights folder written by tools/convert_hf_to_mose.py."""
+    """{tensor name: file} of a weights folder written by mose-convert-hf."""
     index_path = os.path.join(folder, WEIGHTS_INDEX)
     try:
         with open(index_path) as f:
             return dict(json.load(f)["weight_map"])
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint.init_from: {index_path} is missing (not a folder written by "
-                              "tools/convert_hf_to_mose.py)") from None
+                              "mose-convert-hf)") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise CheckpointError(f"checkpoint.init_from: {index_path} is not a weights index") from None
 

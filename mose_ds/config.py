@@ -286,7 +286,7 @@ def batch_geometry(micro: int, accum: Optional[int], global_batch: Optional[int]
 
 @dataclass
 class DataConfig:
-    """A folder written by `tools/prepare_data.py` (train.bin, val.bin, meta.json)."""
+    """A folder written by `mose-prepare` (train.bin, val.bin, meta.json)."""
     path: str = "data/openwebtext"
 
     def __post_init__(self):
@@ -344,7 +344,7 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     """`resume`: 'auto' (latest in `dir` if any), 'never', or a checkpoint directory.
-    `init_from`: a weights folder (tools/convert_hf_to_mose.py) that starts a new run
+    `init_from`: a weights folder (mose-convert-hf) that starts a new run
     (continual pre-training); a run that finds a checkpoint to resume resumes instead.
     `keep_last`: how many complete checkpoints to keep (0: all)."""
     dir: str = ""

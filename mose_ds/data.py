@@ -29,12 +29,12 @@ def write_meta(folder: str, meta: dict) -> None:
 def read_meta(folder: str) -> dict:
     path = os.path.join(folder, "meta.json")
     if not os.path.isdir(folder):
-        raise ConfigError(f"data.path: no such directory: {folder} (run tools/prepare_data.py first)")
+        raise ConfigError(f"data.path: no such directory: {folder} (run mose-prepare first)")
     try:
         with open(path) as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"data.path: {path} is missing (not a folder written by tools/prepare_data.py)") from None
+        raise ConfigError(f"data.path: {path} is missing (not a folder written by mose-prepare)") from None
     except json.JSONDecodeError:
         raise ConfigError(f"data.path: {path} is not valid JSON") from None
     if meta.get("dtype") not in DTYPES:

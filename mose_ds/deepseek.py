@@ -198,11 +198,32 @@ class MultiLatentAttention(nn.Module):
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope_BSP = apply_rope(k_rope_BSP.unsqueeze(1), cos, sin).squeeze(1)
         kv_BLR, k_rope_BLP = context.extend(self.kv_a_layernorm(kv_BSR), k_rope_BSP)
-        L = kv_BLR.shape[1]
+        o_BNSV = context.latent_attention(self, q_nope, q_rope, kv_BLR, k_rope_BLP)
+        out_BSD = self.o_proj(o_BNSV.transpose(1, 2).reshape(B, S, self.N * self.V))
+        return out_BSD.transpose(0, 1), None
+
+    def expanded(self, context, q_nope, q_rope, kv_BLR, k_rope_BLP) -> torch.Tensor:
+        """Attention over keys and values expanded from the latent of every position (the
+        whole-sequence forward: L = S, one expansion per token)."""
+        B, L = kv_BLR.shape[:2]
         kv_BNLH = self.kv_b_proj(kv_BLR).view(B, L, self.N, self.Q + self.V).transpose(1, 2)
         k_nope, v_BNLV = kv_BNLH.split([self.Q, self.V], dim=-1)
         q_BNSH = torch.cat([q_nope, q_rope], dim=-1)
         k_BNLH = torch.cat([k_nope, k_rope_BLP.unsqueeze(1).expand(B, self.N, L, self.P)], dim=-1)
-        o_BNSV = context.attend(q_BNSH, k_BNLH, v_BNLV, self.scale)     # v padded for the fused kernel
-        out_BSD = self.o_proj(o_BNSV.transpose(1, 2).reshape(B, S, self.N * self.V))
-        return out_BSD.transpose(0, 1), None
+        return context.attend(q_BNSH, k_BNLH, v_BNLV, self.scale)     # v padded for the fused kernel
+
+    def absorbed(self, context, q_nope, q_rope, kv_BLR, k_rope_BLP) -> torch.Tensor:
+        """The same attention with the key and value up-projections absorbed (decoding: a
+        few queries against L cached latents). q_nope . (W_uk c) = (W_uk^T q_nope) . c, and
+        sum_l p_l W_uv c_l = W_uv (sum_l p_l c_l): queries move into the latent space and
+        the attention runs there, over R + P dims per position, one head-shared key and
+        value; no position's keys or values are ever expanded (O(L R) per query instead of
+        O(L R N (Q + V)))."""
+        B, L = kv_BLR.shape[:2]
+        w_NHR = self.kv_b_proj.weight.view(self.N, self.Q + self.V, self.R)
+        q_lat_BNSR = torch.einsum("bnsq,nqr->bnsr", q_nope, w_NHR[:, :self.Q])
+        q_BNSK = torch.cat([q_lat_BNSR, q_rope], dim=-1)
+        k_B1LK = torch.cat([kv_BLR, k_rope_BLP], dim=-1).unsqueeze(1).expand(B, self.N, L, self.R + self.P)
+        v_B1LR = kv_BLR.unsqueeze(1).expand(B, self.N, L, self.R)
+        o_BNSR = context.attend(q_BNSK, k_B1LK, v_B1LR, self.scale)
+        return torch.einsum("bnsr,nvr->bnsv", o_BNSR, w_NHR[:, self.Q:])

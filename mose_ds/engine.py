@@ -258,5 +258,5 @@ def read_checkpoints_safely(engine) -> None:
     mose_ds.universal, safetensors)."""
     if engine.load_universal_checkpoint():
         raise ConfigError("engine.extra.checkpoint.load_universal: DeepSpeed's universal loader unpickles "
-                          "files unsafely; resume from a tools/convert_checkpoint.py folder instead")
+                          "files unsafely; resume from a mose-convert-checkpoint folder instead")
     engine.checkpoint_engine.load = safe_load.load

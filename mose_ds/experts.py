@@ -236,6 +236,9 @@ class LoopKernel:
         parts = rows.rows_per_expert()
         for j, (expert, x_nD, m_n) in enumerate(zip(experts, rows.x().split(parts), rows.m_N.split(parts))):
             sizes_U, counts_U = rows.sizes(j)
+            if not parts[j] and not torch.is_grad_enabled():
+                outs.append(x_nD)               # no row, no gradient: nothing to run (decoding)
+                continue
             if len(sizes_U) <= 1:
                 # One size, or none: an idle expert still runs (on no row) so that its weights
                 # get a zero gradient and every rank reduces the same gradients.

@@ -161,8 +161,10 @@ class _Run:
     """Bookkeeping shared by both decoders: the device, timing per kind of forward, the
     stopping rule and the stream of new tokens."""
 
-    def __init__(self, model: MoSEGPT, eos_id: int | None, on_tokens: Callable | None, result: Generation):
+    def __init__(self, model: MoSEGPT, eos_id: int | None, on_tokens: Callable | None, result: Generation,
+                 stop: Callable | None = None):
         self.model, self.eos_id, self.on_tokens, self.result = model, eos_id, on_tokens, result
+        self.stop = stop
         self.device = next(model.parameters()).device
 
     def forward(self, kind: str, ids_BS: torch.Tensor, policy: WidthPolicy, context) -> torch.Tensor:
@@ -175,8 +177,8 @@ class _Run:
         return logits_BSV
 
     def emit(self, row: int, ids: list[int], limit: int) -> bool:
-        """Append ids to a row up to `limit` new tokens or the end-of-text token; True when
-        the row is done."""
+        """Append ids to a row up to `limit` new tokens, the end-of-text token or the caller's
+        `stop(row, tokens so far)`; True when the row is done."""
         out = self.result.tokens[row]
         for token in ids:
             if token == self.eos_id or len(out) >= limit:
@@ -184,6 +186,8 @@ class _Run:
             out.append(token)
             if self.on_tokens:
                 self.on_tokens(row, [token])
+            if self.stop and self.stop(row, out):
+                return True
         return len(out) >= limit
 
 
@@ -211,10 +215,13 @@ class PlainDecoding:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 on_tokens: Callable[[int, list[int]], None] | None = None) -> Generation:
+                 on_tokens: Callable[[int, list[int]], None] | None = None,
+                 stop: Callable[[int, list[int]], bool] | None = None) -> Generation:
+        """Up to `max_new_tokens` per prompt; `on_tokens(row, new ids)` sees them as they come,
+        `stop(row, ids so far)` ends a row early."""
         _check(self.model, prompts, max_new_tokens)
         result = Generation([[] for _ in prompts])
-        run = _Run(self.model, self.eos_id, on_tokens, result)
+        run = _Run(self.model, self.eos_id, on_tokens, result, stop)
         begin = time.perf_counter()
         B, lengths = len(prompts), [len(p) for p in prompts]
         cache = KVCache(len(self.model.layers), B, max(lengths) + max_new_tokens, run.device)
@@ -254,10 +261,13 @@ class SelfSpeculativeDecoding:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 on_tokens: Callable[[int, list[int]], None] | None = None) -> Generation:
+                 on_tokens: Callable[[int, list[int]], None] | None = None,
+                 stop: Callable[[int, list[int]], bool] | None = None) -> Generation:
+        """Up to `max_new_tokens` per prompt; `on_tokens(row, new ids)` sees them as they come,
+        `stop(row, ids so far)` ends a row early."""
         _check(self.model, prompts, max_new_tokens + self.draft_tokens + 1)
         result = Generation([[] for _ in prompts])
-        run = _Run(self.model, self.eos_id, on_tokens, result)
+        run = _Run(self.model, self.eos_id, on_tokens, result, stop)
         begin = time.perf_counter()
         generator = self.sampling.generator(run.device)
         for row, prompt in enumerate(prompts):

@@ -6,12 +6,15 @@ Three measurements, each printed as a table and written as JSON:
   any) target: plain decoding, then self-speculative decoding for each draft width and draft
   length N, one prompt at a time (batch 1). Per setting: the acceptance rate, tokens per
   round, tokens/s, the measured decode-phase speed-up, and the speed-up predicted from the
-  acceptance rate and the per-forward costs measured in the same runs:
+  acceptance and the per-forward costs measured in the same runs:
 
-      speed-up = E(alpha, N) * c_plain / (N * c_draft + c_verify),
-      E(alpha, N) = (1 - alpha^(N+1)) / (1 - alpha)   (tokens per round, i.i.d. acceptance)
+      speed-up = T * c_plain / (N * c_draft + c_verify),
 
-  and whether the greedy texts are identical (they must be).
+  T being the tokens a round yields (kept drafts + 1, the mean over rounds), and whether the
+  greedy texts are identical (they must be). The textbook T for independent acceptance,
+  E(alpha, N) = (1 - alpha^(N+1)) / (1 - alpha), is reported beside it: text acceptance is
+  bursty (a repeated phrase is drafted whole, a new word refused at once), so E
+  underestimates T at large N.
 * `shape`: the per-step costs of one layer shape with random weights (default: the 16B
   recipe's DeepSeek-V2-Lite): a dense block, a MoE block and the LM head, timed for a plain
   decode step, a draft step at each width and a verify step of N + 1 tokens against a KV
@@ -49,10 +52,10 @@ def expected_tokens(alpha: float, n: int) -> float:
     return float(n + 1) if alpha >= 1 else (1 - alpha ** (n + 1)) / (1 - alpha)
 
 
-def predicted_speedup(alpha: float, n: int, c_plain: float, c_draft: float, c_verify: float) -> float:
+def predicted_speedup(tokens_per_round: float, n: int, c_plain: float, c_draft: float, c_verify: float) -> float:
     """Plain decoding's time per token over self-speculative decoding's: a round costs N
-    draft steps and one verify step and yields E(alpha, N) tokens."""
-    return expected_tokens(alpha, n) * c_plain / (n * c_draft + c_verify)
+    draft steps and one verify step and yields `tokens_per_round` tokens."""
+    return tokens_per_round * c_plain / (n * c_draft + c_verify)
 
 
 def median_seconds(cases: dict, repeats: int, device: torch.device) -> dict:
@@ -85,7 +88,8 @@ class Setting:
     tokens_per_round: float
     tokens_per_s: float
     measured_speedup: float        # plain decode-phase seconds / speculative decode-phase seconds
-    predicted_speedup: float
+    predicted_speedup: float       # from tokens_per_round and the measured costs
+    predicted_iid: float           # the same with E(acceptance, N), independent acceptance
     c_draft: float
     c_verify: float
     identical: bool                # greedy text equal to plain decoding's
@@ -98,9 +102,18 @@ def decode_seconds(gen) -> float:
 
 def compare(model, prompts, max_new: int, target=FULL_WIDTH, widths=DRAFT_WIDTHS, lengths=DRAFT_LENGTHS,
             draft_top_k: int | None = None, eos_id: int | None = None, log=print) -> dict:
-    """Plain against self-speculative greedy decoding of `prompts` (one at a time)."""
-    plain = PlainDecoding(model, target, Sampling(), eos_id)
-    base = [plain.generate([p], max_new) for p in prompts]
+    """Plain against self-speculative greedy decoding of `prompts`, one at a time, each prompt
+    decoded by every setting in turn (so drifting load hits them alike)."""
+    decoders = {None: PlainDecoding(model, target, Sampling(), eos_id)}
+    decoders.update({(w, n): SelfSpeculativeDecoding(model, target, UniformPolicy(w, top_k=draft_top_k), n,
+                                                     Sampling(), eos_id)
+                     for w in widths for n in lengths})
+    runs = {key: [] for key in decoders}
+    for index, prompt in enumerate(prompts):
+        for key, dec in decoders.items():
+            runs[key].append(dec.generate([prompt], max_new))
+        log(f"prompt {index + 1}/{len(prompts)} decoded by {len(decoders)} settings")
+    base = runs.pop(None)
     plain_tokens = [g.tokens[0] for g in base]
     plain_decode = sum(decode_seconds(g) for g in base)
     c_plain = sum(g.forward_seconds["target"] for g in base) / sum(g.target_forwards for g in base)
@@ -108,25 +121,23 @@ def compare(model, prompts, max_new: int, target=FULL_WIDTH, widths=DRAFT_WIDTHS
     log(f"plain: {new_tokens} tokens, {new_tokens / sum(g.seconds for g in base):.1f} tokens/s, "
         f"{c_plain * 1e3:.2f} ms per step")
     settings = []
-    for width in widths:
-        draft = UniformPolicy(width, top_k=draft_top_k)
-        for n in lengths:
-            spec = SelfSpeculativeDecoding(model, target, draft, n, Sampling(), eos_id)
-            runs = [spec.generate([p], max_new) for p in prompts]
-            drafted, accepted = sum(g.drafted for g in runs), sum(g.accepted for g in runs)
-            rounds = sum(g.rounds for g in runs)
-            alpha = accepted / drafted
-            c_draft = sum(g.forward_seconds["draft"] for g in runs) / sum(g.draft_forwards for g in runs)
-            c_verify = sum(g.forward_seconds["target"] for g in runs) / sum(g.target_forwards for g in runs)
-            setting = Setting(width, draft_top_k, n, alpha, (accepted + rounds) / rounds,
-                              sum(g.new_tokens for g in runs) / sum(g.seconds for g in runs),
-                              plain_decode / sum(decode_seconds(g) for g in runs),
-                              predicted_speedup(alpha, n, c_plain, c_draft, c_verify), c_draft, c_verify,
-                              [g.tokens[0] for g in runs] == plain_tokens)
-            settings.append(setting)
-            log(f"draft w={width:g} N={n}: acceptance {alpha:.3f}, {setting.tokens_per_round:.2f} tokens/round, "
-                f"speed-up measured {setting.measured_speedup:.3f} predicted {setting.predicted_speedup:.3f}, "
-                f"draft {c_draft * 1e3:.2f} ms verify {c_verify * 1e3:.2f} ms, identical {setting.identical}")
+    for (width, n), gens in runs.items():
+        drafted, accepted = sum(g.drafted for g in gens), sum(g.accepted for g in gens)
+        rounds = sum(g.rounds for g in gens)
+        alpha, per_round = accepted / drafted, (accepted + rounds) / rounds
+        c_draft = sum(g.forward_seconds["draft"] for g in gens) / sum(g.draft_forwards for g in gens)
+        c_verify = sum(g.forward_seconds["target"] for g in gens) / sum(g.target_forwards for g in gens)
+        setting = Setting(width, draft_top_k, n, alpha, per_round,
+                          sum(g.new_tokens for g in gens) / sum(g.seconds for g in gens),
+                          plain_decode / sum(decode_seconds(g) for g in gens),
+                          predicted_speedup(per_round, n, c_plain, c_draft, c_verify),
+                          predicted_speedup(expected_tokens(alpha, n), n, c_plain, c_draft, c_verify),
+                          c_draft, c_verify, [g.tokens[0] for g in gens] == plain_tokens)
+        settings.append(setting)
+        log(f"draft w={width:g}{'' if draft_top_k is None else f' top-{draft_top_k}'} N={n}: acceptance "
+            f"{alpha:.3f}, {per_round:.2f} tokens/round, speed-up measured {setting.measured_speedup:.3f} "
+            f"predicted {setting.predicted_speedup:.3f}, draft {c_draft * 1e3:.2f} ms verify {c_verify * 1e3:.2f} ms, "
+            f"identical {setting.identical}")
     return {"prompts": len(prompts), "max_new_tokens": max_new, "new_tokens": new_tokens,
             "plain_tokens_per_s": new_tokens / sum(g.seconds for g in base), "c_plain": c_plain,
             "settings": [dataclasses.asdict(s) for s in settings]}
@@ -242,30 +253,110 @@ def gpt2_model(hidden: int, expert_hidden: int, layers: int, experts: int, top_k
 
 
 def predictions(costs: StepCosts, acceptance: dict, widths, lengths) -> list[dict]:
-    """The predicted speed-up at these costs for each (width, N) with a measured acceptance."""
+    """The predicted speed-up at these costs for each (width, N) with a measured tokens per
+    round."""
     rows = []
     for w in widths:
         for n in lengths:
-            alpha = acceptance.get((w, n))
-            if alpha is None:
+            per_round = acceptance.get((w, n))
+            if per_round is None:
                 continue
             c_plain, c_draft, c_verify = (costs.total(k) for k in ("plain", f"draft_w{w:g}", f"verify_n{n}"))
-            rows.append({"draft_width": w, "n": n, "acceptance": alpha, "c_plain": c_plain, "c_draft": c_draft,
-                         "c_verify": c_verify, "predicted_speedup": predicted_speedup(alpha, n, c_plain, c_draft,
-                                                                                       c_verify)})
+            rows.append({"draft_width": w, "n": n, "tokens_per_round": per_round, "c_plain": c_plain,
+                         "c_draft": c_draft, "c_verify": c_verify,
+                         "predicted_speedup": predicted_speedup(per_round, n, c_plain, c_draft, c_verify)})
     return rows
 
 
 def read_acceptance(paths) -> dict:
-    """{(width, N): acceptance} from `compare` JSON files (the lowest over the files: a
-    prediction should not borrow the best model's rate)."""
+    """{(width, N): tokens per round} from `compare` JSON files (the lowest over the files:
+    a prediction should not borrow the best model's acceptance)."""
     out = {}
     for path in paths or []:
         with open(path) as f:
             for s in json.load(f)["settings"]:
                 key = (s["draft_width"], s["n"])
-                out[key] = min(out.get(key, 1.0), s["acceptance"])
+                out[key] = min(out.get(key, float("inf")), s["tokens_per_round"])
     return out
+
+
+# --------------------------------------------------------------------------- report
+
+def _shape_costs(path: str) -> StepCosts:
+    with open(path) as f:
+        return StepCosts(**json.load(f)["costs"])
+
+
+def report(compares: dict, scan: str | None, shapes: dict, plot: str | None) -> str:
+    """Markdown tables (and a plot) of `compare`, `scan` and `shape` results:
+    `compares` {model name: JSON path}, `shapes` {label: JSON path}."""
+    out, acceptance = [], read_acceptance(list(compares.values()))
+    out.append("| model | draft | N | acceptance | tokens/round | speed-up measured | predicted | "
+               "predicted/measured | draft step / plain step | verify step / plain step | identical |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    points = []
+    for name, path in compares.items():
+        with open(path) as f:
+            r = json.load(f)
+        for s in r["settings"]:
+            draft = f"w={s['draft_width']:g}" + ("" if s["draft_top_k"] is None else f" top-{s['draft_top_k']}")
+            out.append(f"| {name} | {draft} | {s['n']} | {s['acceptance']:.3f} | {s['tokens_per_round']:.2f} | "
+                       f"{s['measured_speedup']:.3f} | {s['predicted_speedup']:.3f} | "
+                       f"{s['predicted_speedup'] / s['measured_speedup']:.3f} | {s['c_draft'] / r['c_plain']:.2f} | "
+                       f"{s['c_verify'] / r['c_plain']:.2f} | {'yes' if s['identical'] else 'NO'} |")
+            points.append((name, s["measured_speedup"], s["predicted_speedup"]))
+    if scan:
+        with open(scan) as f:
+            sizes = json.load(f)["sizes"]
+        out += ["", "| hidden (expert hidden) | parameters | plain step ms | draft w=0.25 / plain | w=0.5 | "
+                "w=0.75 | verify N=2 / plain | N=4 | N=8 | best predicted speed-up (draft, N) |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for size in sizes:
+            t = size["totals"]
+            best = max(size["predictions"], key=lambda r: r["predicted_speedup"], default=None)
+            ratios = " | ".join(f"{t[k] / t['plain']:.2f}" for k in ("draft_w0.25", "draft_w0.5", "draft_w0.75",
+                                                                       "verify_n2", "verify_n4", "verify_n8") if k in t)
+            out.append(f"| {size['hidden']} ({size['expert_hidden']}) | {size['params'] / 1e6:.1f}M | "
+                       f"{t['plain'] * 1e3:.2f} | {ratios} | " + (f"{best['predicted_speedup']:.2f} "
+                       f"(w={best['draft_width']:g}, {best['n']})" if best else "-") + " |")
+    for label, path in shapes.items():
+        costs = _shape_costs(path)
+        rows = predictions(costs, acceptance, DRAFT_WIDTHS, DRAFT_LENGTHS)
+        plain = costs.total("plain")
+        out += ["", f"**{label}**: plain step {plain * 1e3:.1f} ms (MoE block {costs.moe['plain'] * 1e3:.2f} ms, "
+                f"dense block {costs.dense['plain'] * 1e3:.2f} ms, embedding + head "
+                f"{costs.embed_head['plain'] * 1e3:.2f} ms)", "",
+                "| draft | N | tokens/round (trained models, lower) | draft / plain | verify / plain | predicted speed-up |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            out.append(f"| w={r['draft_width']:g} | {r['n']} | {r['tokens_per_round']:.2f} | "
+                       f"{r['c_draft'] / plain:.2f} | {r['c_verify'] / plain:.2f} | {r['predicted_speedup']:.2f} |")
+    if plot and points:
+        _plot(points, plot)
+        out += ["", f"![predicted against measured speed-up]({os.path.basename(plot)})"]
+    return "\n".join(out) + "\n"
+
+
+def _plot(points, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name in dict.fromkeys(p[0] for p in points):
+        xs, ys = zip(*[(m, p) for n, m, p in points if n == name])
+        ax.scatter(xs, ys, label=name)
+    lo = min(min(m, p) for _, m, p in points) * 0.9
+    hi = max(max(m, p) for _, m, p in points) * 1.1
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="predicted = measured")
+    ax.fill_between([lo, hi], [lo * 0.85, hi * 0.85], [lo * 1.15, hi * 1.15], color="grey", alpha=0.15, label="+-15%")
+    ax.axvline(1.0, color="tab:red", lw=0.8)
+    ax.set_xlabel("measured speed-up over plain decoding")
+    ax.set_ylabel("predicted speed-up (acceptance x measured step costs)")
+    ax.set_title("Self-speculative greedy decoding on 2 CPU cores")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -300,6 +391,12 @@ def parse(argv=None):
     n.add_argument("--experts", type=int, default=8)
     n.add_argument("--top-k", type=int, default=2)
     n.add_argument("--vocab", type=int, default=257)
+    r = sub.add_parser("report", help="markdown tables and a plot of compare / scan / shape results",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--compare", nargs="+", default=[], help="NAME=compare.json ...")
+    r.add_argument("--scan", help="scan JSON")
+    r.add_argument("--shape", nargs="*", default=[], help="LABEL=shape.json ...")
+    r.add_argument("--plot", help="PNG of predicted against measured speed-ups")
     for q in (s, n):
         q.add_argument("--context", type=int, default=128, help="tokens in the KV cache")
         q.add_argument("--repeats", type=int, default=5)
@@ -314,6 +411,10 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.command == "report":
+        pairs = lambda items: dict(item.split("=", 1) for item in items)  # noqa: E731
+        print(report(pairs(args.compare), args.scan, pairs(args.shape), args.plot), end="")
+        return 0
     from . import engine
     device = engine.init_distributed(device=args.device)
     if args.command == "compare":

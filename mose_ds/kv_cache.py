@@ -124,3 +124,8 @@ class LayerStep:
 
     def attend(self, q_BNqH, k_BNLH, v_BNLV, scale: float) -> torch.Tensor:
         return causal_attention(q_BNqH, k_BNLH, v_BNLV, scale, visible_B1SL=self.step.visible_B1qL)
+
+    def latent_attention(self, mla, *args) -> torch.Tensor:
+        """Multi-latent attention against the cached latents: the up-projections absorbed
+        into the queries and the output (deepseek.MultiLatentAttention.absorbed)."""
+        return mla.absorbed(self, *args)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from . import devices, preempt
+from . import preempt
 
 # Environment variables forwarded to every node.
 FORWARD_PREFIXES = ("NCCL_", "UCX_", "FI_", "TORCH_NCCL_", "GLOO_", "PYTHONPATH", "OMP_NUM_THREADS",
@@ -338,6 +338,8 @@ def plan(args, env: dict) -> Plan:
     check_mode(args)
     cwd = os.getcwd()
     import torch
+
+    from . import devices       # torch: imported once there is a launch to plan, not for --help
     slurm_gpus = bool(env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE"))
     # one rank per GPU: GPUs torch sees, or GPUs the machine shows that torch cannot use
     local_gpus = args.nproc is None and (torch.cuda.device_count() > 0 or devices.device_files() > 0)
@@ -419,9 +421,13 @@ def write_hostfile(hosts: list[tuple[str, int]], path: str) -> None:
         f.writelines(f"{host} slots={slots}\n" for host, slots in hosts)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, each option with its default."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="launchers/train.sh", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="mose-launch", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--hostfile", help="multi-node: DeepSpeed hostfile ('host slots=N' per line)")
     where.add_argument("--slurm", action="store_true", help="inside a SLURM allocation (sbatch/salloc)")

@@ -14,7 +14,7 @@ a checkpoint that predates the record and whose training data folder is elsewher
 harness's own HF model chooses; lm-eval's `--device` does the same), and the width policy:
 `policy=full` (the default), `policy=uniform` with `width`, `policy=normprob` with `budget`
 (and optionally `gamma`, default 1, and `exact_budget=true`), or `policy=gamma` with `budget`,
-`table` (a gamma table from tools/calibrate_gamma.py for this checkpoint) and `gamma_mode`
+`table` (a gamma table from mose-calibrate for this checkpoint) and `gamma_mode`
 (`layerwise`, the default, or `shared`). All scoring goes through `mose_ds.scoring.Scorer`, one sequence per forward,
 so the harness's `batch_size` is accepted and ignored.
 
@@ -133,8 +133,8 @@ class MoSELM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations (sampling arguments are ignored), stopped at the end-of-text
         token, after `max_gen_toks` tokens, or at a stop string of `until`, and cut before
-        the first stop string. The context is not truncated up front: each step feeds the
-        last seq_len tokens."""
+        the first stop string. Decoded with a KV cache; a context longer than seq_len minus
+        `max_gen_toks` keeps its last tokens."""
         return [self._generate(*req.args) for req in tqdm(requests, disable=disable_tqdm, desc="generate_until")]
 
     def _generate(self, context: str, gen_kwargs: dict) -> str:

@@ -36,8 +36,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .gating import expert_capacity
-from .loss import CHUNK_BYTES as LOSS_CHUNK_BYTES
 
 GiB = 2 ** 30
 FP32 = 4
@@ -192,6 +190,7 @@ def capacity(s: ActivationShape, tokens: int) -> int:
     """Slots per expert C for `tokens` routed tokens (all of them when none is dropped)."""
     if not s.drop_tokens:
         return tokens
+    from .gating import expert_capacity       # torch: the planner's command line runs without it
     return expert_capacity(tokens, s.num_experts, s.top_k, s.capacity_factor, s.min_capacity)
 
 
@@ -263,6 +262,7 @@ def activations(s: ActivationShape, micro_batch: int, seq: int, precision: str, 
         saved += T * max(block_bytes(s, moe, T, max(widths), a)
                          for moe in (True, False) if (s.moe_layers if moe else dense_layers))
     # the logits' gradient, and the loss's fp32 softmax of one chunk of rows (loss.py)
+    from .loss import CHUNK_BYTES as LOSS_CHUNK_BYTES
     transient = T * a * V + min(T * FP32 * V, LOSS_CHUNK_BYTES)
     return {"saved": saved, "transient": transient, "total": saved + transient}
 

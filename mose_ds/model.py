@@ -229,3 +229,23 @@ def count_parameters(model: MoSEGPT) -> dict:
     lookup = model.wte.weight.numel() if model.lm_head is not None else 0
     return {"params_total": total, "params_active_per_token": active,
             "params_active_excl_embedding": active - lookup}
+
+
+def model_info(cfg) -> dict:
+    """The parameter counts of a recipe's model (built on the meta device: no memory, no
+    weights) and its full-width forward MFLOPs per token in both conventions."""
+    from . import engine                        # the process group the MoE layers need
+    from .flops import CONVENTIONS, forward_flops_per_token
+
+    engine.init_distributed(device="cpu")
+    single = dataclasses.replace(cfg.moe, expert_parallel_size=1)   # counts do not depend on EP
+    with torch.device("meta"):
+        model = MoSEGPT(cfg.model, single)
+    counts = count_parameters(model)
+    moe_layers = model.moe_layers()
+    expert = sum(p.numel() for m in moe_layers for p in m.local_experts.parameters())
+    return {"name": cfg.model.name, **counts, "params_experts": expert,
+            "num_layers": cfg.model.num_layers, "moe_layers": len(moe_layers),
+            "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
+            "mflops_per_token": {c: forward_flops_per_token(cfg.model, cfg.moe, 1.0, c)["total"] / 1e6
+                                 for c in CONVENTIONS}}

@@ -7,7 +7,7 @@ commands parse their flags without it):
 * `full`      - plain MoE: every selected expert at full width (Gamma = k);
 * `uniform`   - every selected expert at `width`;
 * `normprob`  - router-conditioned widths with gamma = 1 (or a given gamma) under `budget`;
-* `gamma`     - the same with gamma learned by `tools/calibrate_gamma.py`, read from a gamma
+* `gamma`     - the same with gamma learned by `mose-calibrate`, read from a gamma
                 table for `budget` and `gamma_mode` (shared / layerwise). The table must have
                 been made for these very weights (checked by digest) and layer count.
 """
@@ -63,7 +63,7 @@ class PolicySpec:
 
 def add_policy_arguments(p) -> None:
     """The width-policy flags of every command (an argparse parser or group)."""
-    p.add_argument("--policy", default="full", choices=KINDS, help="width policy")
+    p.add_argument("--policy", default="full", help=" | ".join(KINDS))
     p.add_argument("--width", type=float, help="uniform width in (0, 1]")
     p.add_argument("--budget", type=float, help="per-token budget Gamma in (0, k] (normprob, gamma)")
     p.add_argument("--gamma", type=float, default=1.0, help="normprob sharpness")
@@ -89,7 +89,7 @@ def read_gamma_table(path: str, identity: dict | None = None) -> dict:
     except yaml.YAMLError as e:
         raise PolicyError(f"gamma table {path}: not YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(table, dict) or not isinstance(table.get("modes"), dict) or "checkpoint" not in table:
-        raise PolicyError(f"gamma table {path}: not a table written by tools/calibrate_gamma.py")
+        raise PolicyError(f"gamma table {path}: not a table written by mose-calibrate")
     if identity is not None:
         made_for = table["checkpoint"]
         if made_for.get("moe_layers") != identity["moe_layers"]:
@@ -135,7 +135,7 @@ def build_policy(spec: PolicySpec, cfg, identity: dict | None = None):
             raise PolicyError(f"normprob policy needs gamma > 0, got {spec.gamma}")
         return NormProbPolicy(spec.budget, spec.gamma, wmin, wmax, grid, spec.exact_budget)
     if not spec.table:
-        raise PolicyError("gamma policy needs a gamma table (from tools/calibrate_gamma.py)")
+        raise PolicyError("gamma policy needs a gamma table (from mose-calibrate)")
     table = read_gamma_table(spec.table, identity)
     gammas = table_gammas(table, spec.gamma_mode, spec.budget, spec.table)
     deployed = table.get("policy", {})

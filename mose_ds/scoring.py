@@ -142,15 +142,11 @@ class Scorer:
     def greedy_continue(self, context: Sequence[int], max_new_tokens: int,
                         stop: Callable[[list[int]], bool] = lambda new: False) -> list[int]:
         """Greedily generated token ids after `context`: stops after `max_new_tokens`, at the
-        end-of-text token (not returned), or once `stop(generated so far)` is true. Each step
-        feeds the last seq_len tokens (no cache: one full forward per token)."""
-        ids, new = list(context) or [self.codec.eot], []
-        for _ in range(max_new_tokens):
-            next_id = int(self._logits(ids[-self.max_len:])[-1].float().argmax())
-            if next_id == self.codec.eot:
-                break
-            ids.append(next_id)
-            new.append(next_id)
-            if stop(new):
-                break
-        return new
+        end-of-text token (not returned), or once `stop(generated so far)` is true. Decoded
+        with a KV cache (generation.py); a context longer than seq_len - max_new_tokens
+        keeps its last tokens, so that the whole continuation fits the model's positions."""
+        from .generation import PlainDecoding
+        max_new_tokens = min(max_new_tokens, self.max_len - 1)
+        ids = (list(context) or [self.codec.eot])[-(self.max_len - max_new_tokens):]
+        decoding = PlainDecoding(self.model, self.policy, eos_id=self.codec.eot)
+        return decoding.generate([ids], max_new_tokens, stop=lambda row, new: stop(new)).tokens[0]

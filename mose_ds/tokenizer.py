@@ -155,7 +155,7 @@ class TextCodec:
 
     @classmethod
     def for_data(cls, folder: str) -> "TextCodec":
-        """The codec of a folder written by `tools/prepare_data.py` (a missing folder is a
+        """The codec of a folder written by `mose-prepare` (a missing folder is a
         ConfigError, never a guess)."""
         from .data import read_meta
         return cls.for_folder(folder, read_meta(folder))

@@ -11,7 +11,6 @@ of the two branch losses, each being LM loss plus that branch's auxiliary routin
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ from .preempt import EXIT_PREEMPTED, Preempted, StopRequest
 from .checkpoint import CheckpointError, TrainState
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data import TokenSplit, device_batches, val_batch_count, val_batches
+from .commands.train import parse_args
 from .launch import LaunchError, check_not_bare_srun
 from .model import lm_loss
 from .monitor import Monitor, routing_scalars
@@ -317,7 +317,7 @@ def run_environment(engine, cfg: RunConfig) -> dict:
 
 
 def resume_universal(engine, cfg: RunConfig, folder: str, say, warn) -> TrainState:
-    """Continue from a layout-free checkpoint (tools/convert_checkpoint.py) in this job's
+    """Continue from a layout-free checkpoint (mose-convert-checkpoint) in this job's
     layout, and save it at once as this layout's own checkpoint."""
     state, carried = universal.load(engine, folder, engine_lib.expert_rank(engine.module))
     if not carried:
@@ -376,15 +376,6 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="mose_ds.train", description="Train a MoSE model with DeepSpeed.")
-    p.add_argument("--config", required=True, help="YAML recipe (ds_configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=100")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    return p.parse_intermixed_args(argv)      # overrides may come before and after flags
 
 
 def stop_request() -> StopRequest:

@@ -11,7 +11,6 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # The suite runs its models and ranks on the CPU, on any host, unless asked otherwise
 # (MOSE_DS_DEVICE=cuda). MOSE_DS_FAKE_CUDA=1 makes torch report CUDA devices in this process
@@ -65,7 +64,7 @@ def run_ranks(nproc: int, script: str, *args) -> None:
 
 
 def read_universal(folder) -> dict:
-    """Every tensor of a universal checkpoint folder (tools/convert_checkpoint.py), by
+    """Every tensor of a universal checkpoint folder (mose-convert-checkpoint), by
     "kind/name": fp32 weights and, when carried, both Adam moments."""
     from mose_ds.shards import read_header, read_tensor
     out = {}
@@ -105,7 +104,7 @@ def corpus(tmp_path_factory) -> str:
     with open(os.path.join(ROOT, "corpus", "tinyshakespeare.txt")) as f:
         text.write_text(f.read(80_000))
     out = folder / "prepared"
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prepare_data.py"), "--input", str(text),
+    subprocess.run([sys.executable, "-m", "mose_ds.commands.prepare", "--input", str(text),
                     "--out", str(out), "--compact-vocab"], check=True, capture_output=True, env=clean_env())
     return str(out)
 
@@ -129,13 +128,9 @@ def gpt2_model_dir(folder) -> str:
 
 
 def load_tool(name: str):
-    """A script of tools/ as a module, so tests call its main(argv) in this process."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module         # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    """A command's module (mose_ds/commands/), so tests call its main(argv) in this process."""
+    import importlib
+    return importlib.import_module(f"mose_ds.commands.{name}")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ save the full-width logits of a fixed batch."""
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from deepspeed import comm as dist  # noqa: E402

@@ -14,7 +14,6 @@ import os
 import sys
 import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402

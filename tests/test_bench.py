@@ -1,4 +1,4 @@
-"""tools/bench_moe.py end to end at small shapes: every variant is reported with the figures
+"""mose-bench moe end to end at small shapes: every variant is reported with the figures
 the performance targets are read from, and the ones fixed by construction are right."""
 
 import pytest

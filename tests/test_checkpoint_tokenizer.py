@@ -13,9 +13,9 @@ from mose_ds import checkpoint
 from mose_ds.tokenizer import EOT_ID, RECORD_FILE, VOCAB_FILE, TextCodec, TokenizerError, read_record, write_record
 
 evaluate = load_tool("evaluate")
-calibrate_gamma = load_tool("calibrate_gamma")
-prepare_data = load_tool("prepare_data")
-convert_mose_to_hf = load_tool("convert_mose_to_hf")
+calibrate_gamma = load_tool("calibrate")
+prepare_data = load_tool("prepare")
+convert_mose_to_hf = load_tool("export_hf")
 
 SAMPLE = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n" * 8
 PAIRS = [("To be, or not to be, that is", " the question"), ("", "whether 'tis nobler")]

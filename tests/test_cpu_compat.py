@@ -37,8 +37,8 @@ def test_train_evaluate_and_calibrate_on_the_cpu_of_a_gpu_host(tmp_path, corpus)
                                               engine={"zero_stage": 1, "device": "cpu"},
                                               train={"max_iters": 2})))
     steps = [("-m", "mose_ds.train", "--config", str(recipe)),
-             ("tools/evaluate.py", "ppl", "--device", "cpu", "--ckpt", str(out), "--batches", "2"),
-             ("tools/calibrate_gamma.py", "--device", "cpu", "--ckpt", str(out), "--budgets", "1.5",
+             ("-m", "mose_ds.commands.evaluate", "ppl", "--device", "cpu", "--ckpt", str(out), "--batches", "2"),
+             ("-m", "mose_ds.commands.calibrate", "--device", "cpu", "--ckpt", str(out), "--budgets", "1.5",
               "--batches", "2", "--batch-size", "2", "--out", str(tmp_path / "gamma.yaml"))]
     for argv in steps:
         result = fake_gpu_host(*argv)

@@ -11,18 +11,18 @@ from mose_ds.config import ConfigError
 from mose_ds.data import TokenSplit, micro_batch, train_window_ids
 from mose_ds.tokenizer import EOT_ID, gpt2
 
-PREPARE = os.path.join(ROOT, "tools", "prepare_data.py")
+PREPARE = ("-m", "mose_ds.commands.prepare")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}     # no test reaches the network
 
 
 def run_prepare(*args):
-    return subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, *PREPARE, *args], capture_output=True, text=True,
                           env={**clean_env(), **OFFLINE})
 
 
 @pytest.fixture
 def prepare(tmp_path, monkeypatch, capsys):
-    """tools/prepare_data.py run in this process, which has imported datasets already (a run
+    """mose-prepare run in this process, which has imported datasets already (a run
     takes well under a second, not the seconds of a fresh interpreter), offline and with its
     own datasets cache. datasets and huggingface_hub read HF_HUB_OFFLINE when imported, so
     their flags are set as the variable would have set them. Returns (exit code, stderr)."""
@@ -33,8 +33,7 @@ def prepare(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))    # spawned tokenizing workers import it by name
-    tool = load_tool("prepare_data")
+    tool = load_tool("prepare")
 
     def run(*args) -> tuple[int, str]:
         try:

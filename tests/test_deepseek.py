@@ -129,7 +129,7 @@ def test_lite_parameter_counts():
 
 def convert(hf_folder, out, *extra) -> int:
     from conftest import load_tool
-    return load_tool("convert_hf_to_mose").main(["--hf", str(hf_folder), "--out", str(out), *extra])
+    return load_tool("convert_hf").main(["--hf", str(hf_folder), "--out", str(out), *extra])
 
 
 def test_conversion_carries_the_models_tokenizer(converted, tmp_path):
@@ -224,7 +224,7 @@ def test_bad_hf_input_is_a_one_line_error_and_writes_nothing(converted, tmp_path
 
 def export(ckpt, out, *extra) -> int:
     from conftest import load_tool
-    return load_tool("convert_mose_to_hf").main(["--ckpt", str(ckpt), "--out", str(out), *extra])
+    return load_tool("export_hf").main(["--ckpt", str(ckpt), "--out", str(out), *extra])
 
 
 def hf_tensors(folder):

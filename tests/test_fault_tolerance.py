@@ -346,7 +346,7 @@ def test_resuming_another_layout_without_conversion_is_refused(world, corpus, tm
     cfg = tiny_config(data={"path": corpus}, logging={"out_dir": str(tmp_path / "run")}, train={"max_iters": 2})
     train(cfg, quiet=True)
     folder = os.path.join(cfg.checkpoint_dir, "iter_00000002")
-    with pytest.raises(checkpoint.CheckpointError, match="written by 1 rank.* this job has 2 .*convert_checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="written by 1 rank.* this job has 2 .*convert.checkpoint"):
         checkpoint.check_layout(folder, 2, 1)
     convert = load_tool("convert_checkpoint").main
     for bad in (tmp_path / "nothing", tmp_path):

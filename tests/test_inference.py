@@ -16,7 +16,7 @@ from mose_ds.inference import evaluate_policy, load_model, split_batches
 from mose_ds.policies import PolicyError, PolicySpec, build_policy
 from mose_ds.tokenizer import TextCodec
 
-calibrate_gamma = load_tool("calibrate_gamma")
+calibrate_gamma = load_tool("calibrate")
 evaluate = load_tool("evaluate")
 
 

@@ -19,7 +19,7 @@ from mose_ds.memory import ParamCounts, activation_shape, activations, model_sta
 from mose_ds.model import MoSEGPT, lm_loss
 from mose_ds.widths import UniformPolicy
 
-TOOL = os.path.join(ROOT, "tools", "plan_memory.py")
+TOOL = ("-m", "mose_ds.commands.plan_memory")
 TINY_DEEPSEEK = os.path.join(ROOT, "ds_configs", "hf", "tiny_deepseek_v2", "config.json")
 
 
@@ -41,8 +41,7 @@ def test_model_states_by_hand():
 
 @pytest.mark.parametrize("gpus_per_node,nodes", [(1, 1), (8, 1), (8, 4)])
 def test_dense_part_matches_deepspeed_estimator(gpus_per_node, nodes):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from plan_memory import deepspeed_zero2_estimate
+    from mose_ds.commands.plan_memory import deepspeed_zero2_estimate
     world = gpus_per_node * nodes
     for params in (125_000_000, 1_300_000_000, 6_700_000_000):
         s = model_states(ParamCounts(params, 0), world, 1, 2, "bf16", "bf16")
@@ -116,7 +115,7 @@ def test_grouped_stacks_are_planned_only_without_zero_one_layer_at_a_time():
 
 
 def run_tool(*args, timeout=600):
-    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, *TOOL, *args], capture_output=True, text=True, cwd=ROOT,
                           env=clean_env(), timeout=timeout)
 
 

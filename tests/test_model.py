@@ -23,8 +23,7 @@ def build(world, **sections):
 
 
 def test_model_info_reproduces_table3_parameter_counts(world):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from model_info import model_info
+    from mose_ds.model import model_info
     from mose_ds.config import load_config
     for recipe, expected in TABLE3.items():
         info = model_info(load_config(os.path.join(ROOT, "ds_configs", f"{recipe}.yaml")))
@@ -33,7 +32,7 @@ def test_model_info_reproduces_table3_parameter_counts(world):
 
 
 def test_model_info_cli_prints_json():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_info.py"),
+    out = subprocess.run([sys.executable, "-m", "mose_ds.commands.info",
                           os.path.join(ROOT, "ds_configs", "gpt2_small_e8a2.yaml"), "--json"],
                          check=True, capture_output=True, text=True, env=clean_env()).stdout
     info = json.loads(out)

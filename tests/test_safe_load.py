@@ -144,14 +144,14 @@ def test_resume_refuses_a_file_carrying_code(trained, corpus, tmp_path, capsys, 
 @pytest.mark.parametrize("tool, name", [
     ("evaluate", "mp_rank_00_model_states.pt"),
     ("evaluate", "layer_0_expert_1_mp_rank_00_model_states.pt"),
-    ("calibrate_gamma", "mp_rank_00_model_states.pt"),
-    ("convert_mose_to_hf", "mp_rank_00_model_states.pt"),
+    ("calibrate", "mp_rank_00_model_states.pt"),
+    ("export_hf", "mp_rank_00_model_states.pt"),
     ("convert_checkpoint", "zero_pp_rank_0_mp_rank_00_optim_states.pt")])
 def test_tools_refuse_a_file_carrying_code(trained, tmp_path, capsys, tool, name):
     run, path, marker = crafted(trained(), tmp_path, name)
     argv = {"evaluate": ["ppl", "--ckpt", str(run), "--device", "cpu"],
-            "calibrate_gamma": ["--ckpt", str(run), "--device", "cpu"],
-            "convert_mose_to_hf": ["--ckpt", str(run), "--out", str(tmp_path / "hf")],
+            "calibrate": ["--ckpt", str(run), "--device", "cpu"],
+            "export_hf": ["--ckpt", str(run), "--out", str(tmp_path / "hf")],
             "convert_checkpoint": ["--ckpt", str(run), "--out", str(tmp_path / "universal")]}[tool]
     capsys.readouterr()
     assert load_tool(tool).main(argv) == 2

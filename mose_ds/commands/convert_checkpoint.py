@@ -1,6 +1,6 @@
 """Make a training checkpoint resumable on another cluster shape (MoE-aware universal form).
 
-    python tools/convert_checkpoint.py --ckpt runs/x [--out runs/x/universal_iter_N]
+    mose-convert-checkpoint --ckpt runs/x [--out runs/x/universal_iter_N]
     python -m mose_ds.train --config R checkpoint.resume=<out> logging.out_dir=<new run> [new layout]
 
 Reads a DeepSpeed ZeRO-1/2 checkpoint of any world size and expert-parallel size (a tag folder,
@@ -14,19 +14,17 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mose_ds.checkpoint import CheckpointError  # noqa: E402
-from mose_ds.inference import resolve_checkpoint  # noqa: E402
-from mose_ds.universal import convert  # noqa: E402
-
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mose-convert-checkpoint", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint tag folder or a run folder")
     p.add_argument("--out", help="output folder (default: <ckpt tag>.universal beside the tag folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
+    from mose_ds.checkpoint import CheckpointError
+    from mose_ds.inference import resolve_checkpoint
+    from mose_ds.universal import convert
     start = time.time()
     try:
         folder = resolve_checkpoint(args.ckpt)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """HF DeepSeek-V2 directory -> MoSE-DS weights folder (the `init_from` of a CPT recipe).
 
-    python tools/convert_hf_to_mose.py --hf /models/DeepSeek-V2-Lite --out ckpt/dsv2-lite-mose
+    mose-convert-hf --hf /models/DeepSeek-V2-Lite --out ckpt/dsv2-lite-mose
 
 Reads `config.json` and the safetensors shards (through `model.safetensors.index.json` when
 there is one), checks every tensor's name and shape against the model built from the config,
@@ -23,7 +23,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 INDEX = "model.safetensors.index.json"
 WEIGHTS_INDEX = "weights.index.json"
@@ -170,7 +169,8 @@ def convert(args, say) -> tuple[str, int, int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Convert an HF DeepSeek-V2 directory into a MoSE-DS weights folder.")
+    p = argparse.ArgumentParser(prog="mose-convert-hf", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Convert an HF DeepSeek-V2 directory into a MoSE-DS weights folder.")
     p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="output folder (weights-*.safetensors, weights.index.json, config.yaml)")
     p.add_argument("--name", default=None, help="model name in the written config (default: the HF folder's name)")

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Evaluate a MoSE checkpoint under inference-time width policies.
 
-    python tools/evaluate.py ppl     --ckpt RUN [--policy uniform --width 0.5 | --policy normprob --budget 1.0
+    mose-eval ppl     --ckpt RUN [--policy uniform --width 0.5 | --policy normprob --budget 1.0
                                      | --policy gamma --table RUN/gamma_table.yaml --budget 1.0] [--json]
-    python tools/evaluate.py sweep   --ckpt RUN --table RUN/gamma_table.yaml --out RUN/pareto [--json]
-    python tools/evaluate.py tasks   --ckpt RUN --task lambada --files lambada_test.jsonl [policy flags] [--json]
-    python tools/evaluate.py routing --ckpt RUN --out RUN/routing [--widths 0.25 0.5 1.0] [--json]
+    mose-eval sweep   --ckpt RUN --table RUN/gamma_table.yaml --out RUN/pareto [--json]
+    mose-eval tasks   --ckpt RUN --task lambada --files lambada_test.jsonl [policy flags] [--json]
+    mose-eval routing --ckpt RUN --out RUN/routing [--widths 0.25 0.5 1.0] [--json]
 
 Data for `ppl`, `sweep` and `routing`: a prepared split (`--data DIR --split val`, default the
 checkpoint's own data folder and its validation split) or a text file (`--text FILE`), read
@@ -32,7 +32,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mose_ds.policies import add_policy_arguments
 
 MODES = ("full", "uniform", "normprob", "gamma-shared", "gamma-layerwise", "moe")
 COLORS = {"full": "black", "uniform": "tab:blue", "normprob": "tab:orange",
@@ -57,24 +58,14 @@ def add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
         p.add_argument("--batch-size", type=int, help="sequences per batch (default: training micro-batch)")
 
 
-def add_policy(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", default="full", help="full | uniform | normprob | gamma")
-    p.add_argument("--width", type=float, help="uniform width in (0, 1]")
-    p.add_argument("--budget", type=float, help="per-token budget Gamma in (0, k]")
-    p.add_argument("--gamma", type=float, default=1.0, help="normprob sharpness (default 1)")
-    p.add_argument("--table", help="gamma table from tools/calibrate_gamma.py")
-    p.add_argument("--gamma-mode", default="layerwise", choices=["shared", "layerwise"])
-    p.add_argument("--exact-budget", action="store_true", help="widths of a token sum to Gamma")
-    p.add_argument("--continuous", action="store_true", help="do not round widths to the grid")
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mose-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    ppl = sub.add_parser("ppl", help="perplexity and compute under one policy")
+    ppl = sub.add_parser("ppl", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="perplexity and compute under one policy")
     add_common(ppl)
-    add_policy(ppl)
-    sweep = sub.add_parser("sweep", help="budget sweep over the policy modes, CSV + plots + TensorBoard")
+    add_policy_arguments(ppl)
+    sweep = sub.add_parser("sweep", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="budget sweep over the policy modes, CSV + plots + TensorBoard")
     add_common(sweep)
     sweep.add_argument("--table", help="gamma table (adds the gamma-shared / gamma-layerwise modes)")
     sweep.add_argument("--budgets", type=float, nargs="+",
@@ -85,16 +76,16 @@ def parse_args(argv):
                        "same tokens: evaluated at full width and uniform 0.25 / 0.5 / 0.75 on the same batches")
     sweep.add_argument("--out", required=True, help="output folder")
     sweep.add_argument("--force", action="store_true", help="overwrite files in --out")
-    tasks = sub.add_parser("tasks", help="zero-shot tasks scored as lm-evaluation-harness does")
+    tasks = sub.add_parser("tasks", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="zero-shot tasks scored as lm-evaluation-harness does")
     add_common(tasks, data=False)
-    add_policy(tasks)
+    add_policy_arguments(tasks)
     tasks.add_argument("--task", required=True, help="lambada | wikitext | hellaswag | piqa | siqa | wsc273")
     tasks.add_argument("--files", nargs="+", required=True,
                        help="the task's local file(s); piqa and siqa: the jsonl then the labels file")
     tasks.add_argument("--limit", type=int, help="score only the first N items")
     tasks.add_argument("--vocab-data", help="prepared data folder, checked against the checkpoint's "
                        "tokenizer (only needed for a checkpoint that predates its tokenizer record)")
-    routing = sub.add_parser("routing", help="expert-selection histograms, JS divergence, heatmaps")
+    routing = sub.add_parser("routing", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="expert-selection histograms, JS divergence, heatmaps")
     add_common(routing)
     routing.add_argument("--widths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     routing.add_argument("--out", required=True, help="output folder")
@@ -144,10 +135,8 @@ def eval_batches(args, loaded):
 
 
 def policy_of(args, loaded, **override):
-    from mose_ds.policies import PolicyError, PolicySpec, build_policy
-    spec = PolicySpec(kind=args.policy, width=args.width, budget=args.budget, gamma=args.gamma,
-                      table=args.table, gamma_mode=args.gamma_mode, exact_budget=args.exact_budget,
-                      continuous=args.continuous)
+    from mose_ds.policies import PolicyError, build_policy, spec_from_arguments
+    spec = spec_from_arguments(args)
     for key, value in override.items():
         setattr(spec, key, value)
     try:

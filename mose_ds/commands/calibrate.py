@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Offline gamma calibration: learn the width-policy sharpness gamma for a list of budgets.
 
-    python tools/calibrate_gamma.py --ckpt runs/quickstart --budgets 0.5 0.75 1.0 1.25 1.5 [--mode both]
-    python tools/calibrate_gamma.py --ckpt runs/x/checkpoints/iter_00010000 --mode shared \
+    mose-calibrate --ckpt runs/quickstart --budgets 0.5 0.75 1.0 1.25 1.5 [--mode both]
+    mose-calibrate --ckpt runs/x/checkpoints/iter_00010000 --mode shared \
         --data data/owt --split train --batches 50 --batch-size 6 --out gamma.yaml
-    python tools/calibrate_gamma.py --ckpt RUN --method sgd --lr 0.01      # the paper's optimiser
+    mose-calibrate --ckpt RUN --method sgd --lr 0.01      # the paper's optimiser
 
 Loads a training checkpoint (any ZeRO stage, any expert-parallel layout) into one process,
 freezes every weight (checked before and after: the weights' digest must not change), and
@@ -15,7 +15,7 @@ with the paper's SGD on log gamma over the relaxation (`--method sgd`); see `mos
 Writes a gamma table (YAML) with the checkpoint's identity, the deployment settings, and per
 budget the learned gammas, the calibration loss at gamma = 1 and at the learned gammas (with
 the relaxation and with hard deployed widths), and the MFLOPs/token of those widths, nominal
-(the paper's count) and executed. `tools/evaluate.py --policy gamma` deploys it.
+(the paper's count) and executed. `mose-eval --policy gamma` deploys it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import time
 import numpy as np
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RELAXATION = ("soft prefix mask: hidden unit j weighted clamp(w*H - j, 0, 1) (loss_relaxed, and the "
               "objective of --method sgd); deployed widths are hard slices ceil(w*H) (loss_hard, the "
@@ -79,7 +78,8 @@ def describe(args) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mose-calibrate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="a run folder, checkpoint folder, or tag folder")
     p.add_argument("--budgets", type=float, nargs="+", help="per-token budgets Gamma in (0, k] "
                    "(default: k x 0.25, 0.375, 0.5, 0.625, 0.75)")

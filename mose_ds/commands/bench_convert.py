@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Peak resident memory of the checkpoint converters on a synthetic multi-shard checkpoint.
 
-    python tools/bench_convert.py --out /tmp/bench_convert [--gb 1.1] [--shards 2] [--json]
+    mose-bench convert --out /tmp/bench_convert [--gb 1.1] [--shards 2] [--json]
 
 Writes a random DeepSeek-V2 HF directory of about `--gb` GB (the tiny architecture widened:
 hidden 1024, 16 routed experts; layers added until the size is reached), split into
 `--shards` safetensors files the way `save_pretrained` splits (whole tensors, in order), then
-runs `tools/convert_hf_to_mose.py` and `tools/convert_mose_to_hf.py` on it as child processes
+runs `mose-convert-hf` and `mose-export-hf` on it as child processes
 and reads each one's peak resident set size from the kernel (`ru_maxrss`). Also reported:
 the resident size of a process that only imports the libraries the converters import, so
 the part of the peak that depends on the checkpoint is visible.
@@ -23,8 +23,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 BASE = os.path.join(ROOT, "ds_configs", "hf", "tiny_deepseek_v2", "config.json")
 
@@ -116,7 +115,8 @@ def peak_rss(cmd: list[str]) -> tuple[int, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mose-bench convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="scratch folder (the synthetic checkpoint and both conversions)")
     p.add_argument("--gb", type=float, default=1.1, help="size of the synthetic checkpoint (fp32), GB")
     p.add_argument("--shards", type=int, default=2)
@@ -133,13 +133,11 @@ def main(argv=None) -> int:
     start = time.time()
     files = write_checkpoint(src, hf, args.shards)
     written = time.time() - start
-    tools = os.path.join(ROOT, "tools")
     imports = [sys.executable, "-c", "import mose_ds.train, mose_ds.model, mose_ds.shards, tqdm"]
     runs = {
         "imports_only": imports,
-        "convert_hf_to_mose": [sys.executable, os.path.join(tools, "convert_hf_to_mose.py"), "--hf", src,
-                               "--out", mose],
-        "convert_mose_to_hf": [sys.executable, os.path.join(tools, "convert_mose_to_hf.py"), "--ckpt", mose,
+        "convert_hf_to_mose": [sys.executable, "-m", "mose_ds.commands.convert_hf", "--hf", src, "--out", mose],
+        "convert_mose_to_hf": [sys.executable, "-m", "mose_ds.commands.export_hf", "--ckpt", mose,
                                "--out", back, "--max-shard-size", str(max(files.values()))],
     }
     largest = max(files.values())

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Per-GPU memory of a recipe on a cluster shape, and whether it fits (mose_ds/memory.py).
 
-    python tools/plan_memory.py ds_configs/gpt2_large_e8a2.yaml --nodes 2 --gpus-per-node 8 \\
+    mose-plan-memory ds_configs/gpt2_large_e8a2.yaml --nodes 2 --gpus-per-node 8 \\
         --gpu-memory-gib 96 [--zero-stage 2] [--ep 4] [--micro-batch 4] [--seq-len 1024] \\
         [--activation-checkpointing on|off] [--json] [key=value ...]
-    python tools/plan_memory.py RECIPE --table --gpus 8,16,32 --gpu-memory-gib 96,192
-    python tools/plan_memory.py --measure [--json]
+    mose-plan-memory RECIPE --table --gpus 8,16,32 --gpu-memory-gib 96,192
+    mose-plan-memory --measure [--json]
 
 The plan splits each GPU's bytes into weights, gradients, optimizer state (fp32 master and
 Adam moments; non-expert state partitioned over data parallel, expert state over the
@@ -33,20 +33,17 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mose_ds.config import ConfigError, apply_overrides, from_dict, load_config  # noqa: E402
-from mose_ds.measure import resident  # noqa: E402
-from mose_ds.memory import GiB, Cluster, ParamCounts, model_states, plan  # noqa: E402
+from mose_ds.config import ConfigError, apply_overrides, from_dict, load_config
+from mose_ds.memory import GiB, Cluster, ParamCounts, model_states, plan
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 # --------------------------------------------------------------------------- planning
 
 
 def param_counts(cfg) -> ParamCounts:
     """Non-expert and routed-expert parameters of the recipe's model (meta device)."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from model_info import model_info
+    from mose_ds.model import model_info
     info = model_info(cfg)
     return ParamCounts(non_expert=info["params_total"] - info["params_experts"], expert=info["params_experts"])
 
@@ -211,6 +208,7 @@ def worker(raw_json: str, out: str, iterations: int = 2) -> None:
 
     quiet_libraries()
     engine_lib.init_distributed(device="cpu")     # a CPU measurement, on any host
+    from mose_ds.measure import resident
     cfg = from_dict(json.loads(raw_json))
     base = resident()
     engine = engine_lib.create_engine(cfg, engine_lib.build_model(cfg))
@@ -237,7 +235,7 @@ def measured_rise(raw: dict, ranks: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rise.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-               f"--master_port={free_port()}", os.path.abspath(__file__), "--worker", json.dumps(raw), out]
+               f"--master_port={free_port()}", "-m", __spec__.name, "--worker", json.dumps(raw), out]
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if result.returncode != 0 or not os.path.exists(out):
             raise RuntimeError(f"measured run failed:\n{result.stderr[-3000:]}")
@@ -284,7 +282,8 @@ def run_measure(as_json: bool, names: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mose-plan-memory", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="?")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--nodes", type=int, default=1)

@@ -25,9 +25,9 @@ kernel, and host syncs of a training iteration by place (MoE layers, training lo
 DeepSpeed); all-to-all bytes of a forward + backward on 2 expert-parallel gloo ranks, with
 capacity and dropless, against the payload minimum (kept rows).
 
-    python tools/bench_moe.py                               # CPU acceptance shapes
-    python tools/bench_moe.py --json > bench.json
-    python tools/bench_moe.py --dtype bf16 --hidden 2048 --experts 64 --top-k 8 --tokens 32768 --budgets 2,4,6 \\
+    mose-bench moe                               # CPU acceptance shapes
+    mose-bench moe --json > bench.json
+    mose-bench moe --dtype bf16 --hidden 2048 --experts 64 --top-k 8 --tokens 32768 --budgets 2,4,6 \\
         --memory-tokens 32768,131072 --recipe ds_configs/gpt2_small_e8a2.yaml --seq-len 1024 --micro-batch 8   # GPU
 """
 
@@ -44,8 +44,7 @@ import tempfile
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 from mose_ds import measure  # noqa: E402
 from mose_ds.config import from_dict, load_config, to_dict  # noqa: E402
 from mose_ds import grouped  # noqa: E402
@@ -270,7 +269,7 @@ def measured_peak(args, variant: str, tokens: int) -> dict:
     env.update(MALLOC_MMAP_THRESHOLD_="65536")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "peak.json")
-        cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--memory-worker", variant,
+        cmd = [sys.executable, "-m", __spec__.name, *args.argv, "--memory-worker", variant,
                str(tokens), out]
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if result.returncode != 0 or not os.path.exists(out):
@@ -507,7 +506,7 @@ def exchange_benchmark(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "exchange.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               os.path.abspath(__file__), *args.argv, "--exchange-worker", out]
+               "-m", __spec__.name, *args.argv, "--exchange-worker", out]
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if result.returncode != 0 or not os.path.exists(out):
             raise RuntimeError(f"the 2-rank exchange measurement failed:\n{result.stderr[-3000:]}")
@@ -545,7 +544,8 @@ def ints(text: str) -> list[int]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mose-bench moe", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)

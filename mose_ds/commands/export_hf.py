@@ -1,10 +1,19 @@
 #!/usr/bin/env python
-"""MoSE-DS DeepSeek-V2 model -> HF directory that `transformers` loads (`DeepseekV2ForCausalLM`).
+"""MoSE-DS model -> HF directory that `transformers` loads.
 
-    python tools/convert_mose_to_hf.py --ckpt runs/dsv2-lite-cpt --out export/dsv2-lite-cpt \\
+    mose-export-hf --ckpt RUN --out DIR --slimmable [--gamma-table RUN/gamma_table.yaml] [--policy ...]
+    mose-export-hf --ckpt runs/dsv2-lite-cpt --out export/dsv2-lite-cpt \\
         --tokenizer-from /models/DeepSeek-V2-Lite
 
-`--ckpt` is either a weights folder written by `tools/convert_hf_to_mose.py` (streamed tensor
+`--slimmable` (either family): our model code travels with the weights (`mose_ds/hf_export.py`);
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` loads it, with the width
+policy of the `--policy` flags as its default, any other per call
+(`model(ids, width_policy={"kind": "uniform", "width": 0.5})`), the gamma table embedded, and
+the checkpoint's tokenizer behind `AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)`.
+
+Without it (DeepSeek-V2 only), the plain export below, at full width:
+
+`--ckpt` is either a weights folder written by `mose-convert-hf` (streamed tensor
 by tensor, so an HF -> MoSE -> HF round trip is bit-identical and memory stays near one
 tensor) or a training checkpoint (a tag folder, a checkpoint root with `latest`, or a run
 folder; written under any ZeRO stage and expert-parallel layout), whose weights are loaded on
@@ -30,7 +39,8 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mose_ds.policies import add_policy_arguments
 
 HF_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -245,7 +255,8 @@ def _hf_order(name: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Export a MoSE-DS DeepSeek-V2 model (full width) to an HF directory.")
+    p = argparse.ArgumentParser(prog="mose-export-hf", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Export a MoSE-DS DeepSeek-V2 model (full width) to an HF directory.")
     p.add_argument("--ckpt", required=True,
                    help="weights folder (convert_hf_to_mose.py) or training checkpoint / run folder")
     p.add_argument("--out", required=True, help="output HF directory")
@@ -256,7 +267,14 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-from", default=None,
                    help="HF directory whose tokenizer files are copied into --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    s = p.add_argument_group("slimmable export (both families)")
+    s.add_argument("--slimmable", action="store_true", help="our model code with width control (trust_remote_code)")
+    s.add_argument("--gamma-table", help="gamma table to embed (from mose-calibrate for this checkpoint)")
+    s.add_argument("--data", help="prepared data folder (only for a checkpoint that records no tokenizer)")
+    add_policy_arguments(s)
     args = p.parse_args(argv)
+    if args.slimmable:
+        return slimmable(args)
     start = time.time()
     try:
         with contextlib.redirect_stdout(sys.stderr):
@@ -268,6 +286,27 @@ def main(argv=None) -> int:
         return 2
     print(f"convert_mose_to_hf: {count} tensors, {total / 2**20:,.1f} MiB in {shards} shard(s), "
           f"{time.time() - start:.1f}s -> {out} (AutoModelForCausalLM.from_pretrained({out!r}))")
+    return 0
+
+
+def slimmable(args) -> int:
+    """The slimmable export (mose_ds/hf_export.py)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        from mose_ds.train import quiet_libraries
+        quiet_libraries()
+        from mose_ds.checkpoint import CheckpointError
+        from mose_ds.hf_export import ExportError, export_slimmable, policy_dict
+        from mose_ds.policies import PolicyError, spec_from_arguments
+        from mose_ds.tokenizer import TokenizerError
+        try:
+            done = export_slimmable(args.ckpt, args.out, args.overwrite, "float32" if args.dtype == "auto" else args.dtype,
+                                    policy_dict(spec_from_arguments(args)), args.gamma_table, args.data)
+        except (CheckpointError, ExportError, PolicyError, TokenizerError, FileExistsError) as e:
+            print(f"mose-export-hf: error: {e}", file=sys.stderr)
+            return 2
+    print(f"mose-export-hf: {done['family']} model, {done['tensors']} tensors ({done['bytes'] / 2**20:,.1f} MiB), "
+          f"gamma table {'embedded' if done['gamma_table'] else 'none'} -> {done['out']}\n"
+          f"  AutoModelForCausalLM.from_pretrained({done['out']!r}, trust_remote_code=True)")
     return 0
 
 

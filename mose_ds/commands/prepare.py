@@ -23,10 +23,10 @@ tokens/s (also in meta.json). `--tokenizer` is GPT-2 BPE (the default), raw UTF-
 HF model directory (or its `tokenizer.json`), copied into the output; ids are stored as
 uint16, or uint32 when the vocabulary needs it (DeepSeek-V2: 102,400).
 
-    python tools/prepare_data.py --input corpus/tinyshakespeare.txt --out data/shakespeare
-    python tools/prepare_data.py --hf-dataset openwebtext --out data/openwebtext --num-proc 16
-    python tools/prepare_data.py --hf-dataset parquet --hf-data-files 'owt/data/*.parquet' --out data/owt
-    python tools/prepare_data.py --input corpus/ --tokenizer /models/DeepSeek-V2-Lite --out data/cpt
+    mose-prepare --input corpus/tinyshakespeare.txt --out data/shakespeare
+    mose-prepare --hf-dataset openwebtext --out data/openwebtext --num-proc 16
+    mose-prepare --hf-dataset parquet --hf-data-files 'owt/data/*.parquet' --out data/owt
+    mose-prepare --input corpus/ --tokenizer /models/DeepSeek-V2-Lite --out data/cpt
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mose_ds.tokenizer import HF_TOKENIZER_FILE, HFTokenizer, base_tokenizer  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
@@ -299,7 +298,8 @@ def hf_tokenizer_file(path: str) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mose-prepare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="a text file or a folder of text files")
     src.add_argument("--hf-dataset",

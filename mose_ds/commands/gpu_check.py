@@ -14,7 +14,7 @@ reason, and the others still run):
   bench_moe,        TFLOP/s of a MoE layer and of causal attention, forward + backward, against
   bench_attention   the device's dense bf16 peak
   train_resume      40 iterations of gpt2_small_e8a2 in bf16 on synthetic data: tokens/s, model
-                    FLOPs utilisation, loss going down, peak memory within tools/plan_memory.py's
+                    FLOPs utilisation, loss going down, peak memory within mose-plan-memory's
                     plan; a resume to 45; its universal checkpoint (convert_checkpoint.py) resumed
   deepseek          a 4-layer DeepSeek-V2-Lite-shaped model at sequence 4096, dropless, activation
                     checkpointing, bf16: forward + backward + step, finite losses, memory, tokens/s
@@ -27,8 +27,8 @@ unit; the CPU's bf16 layer is at 5e-3) or 1e-4 in fp32 (summation order). `--smo
 checks on the CPU at toy sizes in fp32 (host syncs by counters.HostSyncCounter, memory planned
 but not measured) in under 2 minutes.
 
-    python tools/gpu_check.py [--out runs/gpu_check/gpu_check.json]
-    python tools/gpu_check.py --smoke --out /tmp/gpu_check.json
+    python -m mose_ds.commands.gpu_check [--out runs/gpu_check/gpu_check.json]
+    python -m mose_ds.commands.gpu_check --smoke --out /tmp/gpu_check.json
 """
 
 from __future__ import annotations
@@ -49,12 +49,11 @@ import traceback
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 with contextlib.redirect_stdout(sys.stderr):     # stdout is for the check lines (DeepSpeed talks on import)
-    from bench_moe import (PEAK_BF16_TFLOPS, counted, forward_flops, inputs, layer_pass, our_layer, stdout_to_stderr,
+    from mose_ds.commands.bench_moe import (PEAK_BF16_TFLOPS, counted, forward_flops, inputs, layer_pass, our_layer, stdout_to_stderr,
                            step_fn)
-    from plan_memory import grad_accum_dtype, param_counts
+    from mose_ds.commands.plan_memory import grad_accum_dtype, param_counts
 
     from mose_ds import measure
 
@@ -325,7 +324,7 @@ def check_bench_attention(ctx) -> dict:
 
 
 def write_tokens(folder: str, vocab: int, count: int) -> str:
-    """A folder in tools/prepare_data.py's format (train.bin, val.bin, meta.json) of Zipf-
+    """A folder in mose-prepare's format (train.bin, val.bin, meta.json) of Zipf-
     distributed ids: a corpus whose unigram law a model learns in tens of iterations."""
     from mose_ds.data import write_meta
     os.makedirs(folder, exist_ok=True)
@@ -349,7 +348,7 @@ def run_training(cfg) -> dict:
 
 
 def memory(cfg, ctx, measured: int | None) -> tuple[bool, str]:
-    """The peak against tools/plan_memory.py's plan for one GPU: within it plus 25% (a plan that
+    """The peak against mose-plan-memory's plan for one GPU: within it plus 25% (a plan that
     underestimates fails). CPU peaks (resident memory) are not comparable: planned only."""
     from mose_ds.memory import Cluster, plan
     gib = torch.cuda.get_device_properties(ctx.device).total_memory / 2 ** 30 if measured is not None else 1024.0
@@ -361,7 +360,7 @@ def memory(cfg, ctx, measured: int | None) -> tuple[bool, str]:
 
 
 def check_train_resume(ctx) -> dict:
-    import convert_checkpoint
+    from mose_ds.commands import convert_checkpoint
     from mose_ds.config import load_config
     from mose_ds.flops import forward_flops_per_token
     s, (stop, end), cuda = ctx.sizes, ctx.sizes.iters, ctx.device.type == "cuda"
@@ -483,13 +482,14 @@ def check_decoding(ctx) -> dict:
                         got[b].append(logits[b, :max(0, min(size, len(r) - start))])
                     start += size
                 errors[f"{family}/{name}"] = max(rel_error(torch.cat(g), f) for g, f in zip(got, full))
-            prompts = [torch.randint(0, vocab, (int(n),), generator=gen).tolist() for n in torch.randint(2, 9, (8,))]
-            plain = PlainDecoding(model, FULL_WIDTH).generate(prompts, 16)
+            count, new = (3, 8) if ctx.smoke else (8, 16)
+            prompts = [torch.randint(0, vocab, (int(n),), generator=gen).tolist() for n in torch.randint(2, 9, (count,))]
+            plain = PlainDecoding(model, FULL_WIDTH).generate(prompts, new)
             for w, n in ((0.25, 2), (0.5, 4), (0.75, 8)):
-                spec = SelfSpeculativeDecoding(model, FULL_WIDTH, UniformPolicy(w), n).generate(prompts, 16)
+                spec = SelfSpeculativeDecoding(model, FULL_WIDTH, UniformPolicy(w), n).generate(prompts, new)
                 identical[f"{family}/w{w}/N{n}"] = [spec.tokens == plain.tokens, round(spec.acceptance_rate, 3)]
-            bf16 = PlainDecoding(model.to(torch.bfloat16), UniformPolicy(0.5)).generate(prompts, 16)
-            identical[f"{family}/bf16_tokens"] = [bf16.new_tokens == 8 * 16, None]
+            bf16 = PlainDecoding(model.to(torch.bfloat16), UniformPolicy(0.5)).generate(prompts, new)
+            identical[f"{family}/bf16_tokens"] = [bf16.new_tokens == count * new, None]
     worst = max(errors.values())
     ok = worst <= TOLERANCE[torch.float32] and all(v[0] for v in identical.values())
     return result(ok, f"cached logits vs full forward, fp32, worst relative error {worst:.1e} over "
@@ -534,7 +534,8 @@ def context(smoke: bool, tmp: str) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mose_ds.commands.gpu_check", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join("runs", "gpu_check", "gpu_check.json"), help="JSON results")
     p.add_argument("--smoke", action="store_true", help="the same checks on the CPU at toy sizes")
     p.add_argument("--only", nargs="+", choices=list(CHECKS), default=None, help="run these checks only")
