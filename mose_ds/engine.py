@@ -20,11 +20,11 @@ import deepspeed
 import torch
 from deepspeed import comm as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import groups
 
 from . import cpu_compat, devices, safe_load
 from .config import ConfigError, OptimConfig, RunConfig
-from .model import MoSEGPT
+from . import model as model_lib
+from .model import MoSEGPT, expert_rank  # noqa: F401  (engine.expert_rank: where the training code looks)
 
 
 def free_port() -> int:
@@ -110,19 +110,8 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
 def build_model(cfg: RunConfig) -> MoSEGPT:
     """Build, attach DeepSpeed's expert-parallel groups, and initialise (layout-independent)."""
     check_layout(cfg, dist.get_world_size())
-    with device():   # parameters are allocated where they train, never all on the host first
-        model = MoSEGPT(cfg.model, cfg.moe, bf16=cfg.engine.precision == "bf16",
-                        activation_checkpointing=cfg.train.activation_checkpointing)
-    for moe in model.moe_layers():
-        moe.set_deepspeed_parallelism()
-    model.init_weights(cfg.train.seed, expert_rank(model))
-    return model
-
-
-def expert_rank(model: MoSEGPT) -> int:
-    """This rank's index in its expert-parallel group (0 without MoE layers)."""
-    layers = model.moe_layers()
-    return groups._get_expert_parallel_rank(layers[0].expert_group_name) if layers else 0
+    # parameters are allocated where they train, never all on the host first
+    return model_lib.build_model(cfg, device(), seed=cfg.train.seed)
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -221,7 +221,6 @@ def shape_model(hf: dict, device, dtype):
     import tempfile
 
     from .config import from_dict
-    from .model import MoSEGPT
     small = dict(hf, num_hidden_layers=2, first_k_dense_replace=1)
     with tempfile.TemporaryDirectory() as folder:
         with open(os.path.join(folder, "config.json"), "w") as f:
@@ -232,13 +231,9 @@ def shape_model(hf: dict, device, dtype):
 
 
 def _build(cfg, device, dtype):
-    from .model import MoSEGPT
-    with torch.device("cpu"):
-        model = MoSEGPT(cfg.model, cfg.moe)
-    for layer in model.moe_layers():
-        layer.set_deepspeed_parallelism()
-    model.init_weights(0)
-    return model.to(device=device, dtype=dtype).eval()
+    """Random weights sampled on the host (the same on any device), then moved."""
+    from .model import build_model
+    return build_model(cfg, "cpu", seed=0).to(device=device, dtype=dtype).eval()
 
 
 def gpt2_model(hidden: int, expert_hidden: int, layers: int, experts: int, top_k: int, vocab: int, device, dtype):

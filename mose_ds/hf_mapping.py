@@ -10,6 +10,7 @@ expert-parallel rank holds one is the checkpoint writer's business.
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -95,3 +96,45 @@ def hf_shape(shape: tuple, layout: str) -> tuple:
 def merge_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """megatron's SwiGLU `linear_fc1`: gate rows first, then up rows."""
     return torch.cat([gate, up], dim=0)
+
+
+class ConversionError(ValueError):
+    """An HF checkpoint that does not fit the model its config implies; the message names it."""
+
+
+def conversion_plan(entries: dict, expected: dict) -> dict:
+    """How an HF checkpoint's tensors (`entries`: {HF name: shards.TensorEntry}) become ours:
+    {our name: (dtype, shape, [(layout, TensorEntry), ...])}, checked against `expected`
+    ({our name: shape} of the model built from the config); ConversionError names what
+    does not fit."""
+    from .shards import DTYPES
+    out = {}
+    for hf_name, entry in entries.items():
+        try:
+            name, layout = hf_to_ours(hf_name)
+        except KeyError:
+            raise ConversionError(f"{entry.file}: unexpected tensor {hf_name} (not part of a DeepSeek-V2 model "
+                          "with this config)") from None
+        if name not in expected:
+            raise ConversionError(f"{entry.file}: tensor {hf_name} does not exist in a model with this config")
+        out.setdefault(name, [DTYPES[entry.dtype], None, []])[2].append((layout, entry))
+    for name, (dtype, _, sources) in out.items():
+        shapes = {layout: entry.shape for layout, entry in sources}
+        if "fc1.gate" in shapes or "fc1.up" in shapes:
+            if len(shapes) != 2:
+                raise ConversionError(f"{sources[0][1].file}: dense FFN {name} lacks its "
+                              f"{'up' if 'fc1.gate' in shapes else 'gate'}_proj half")
+            shape = (shapes["fc1.gate"][0] + shapes["fc1.up"][0],) + tuple(shapes["fc1.gate"][1:])
+            sources.sort(key=lambda s: s[0] != "fc1.gate")
+        else:
+            layout, entry = sources[0]
+            shape = tuple(reversed(entry.shape)) if layout == "transpose" else entry.shape
+        if tuple(shape) != tuple(expected[name]):
+            hf_names = ", ".join(os.path.basename(e.file) for _, e in sources)
+            raise ConversionError(f"tensor for {name} has shape {list(shape)} in {hf_names}, "
+                          f"the config implies {list(expected[name])}")
+        out[name][1] = tuple(shape)
+    missing = [n for n in expected if n not in out]
+    if missing:
+        raise ConversionError(f"the checkpoint lacks {len(missing)} tensor(s) of the model, e.g. {missing[0]}")
+    return out

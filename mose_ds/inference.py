@@ -29,7 +29,7 @@ from .checkpoint import CheckpointError, checkpoint_config, newest_good, read_mo
 from .config import RunConfig
 from .data import TokenSplit, val_batch_count, val_batches
 from .flops import FlopsMeter
-from .model import MoSEGPT, lm_loss
+from .model import MoSEGPT, build_model, lm_loss
 from .tokenizer import TextCodec
 from .widths import WidthPolicy
 
@@ -96,10 +96,7 @@ def load_model(path: str, top_k: int | None = None, device: str | torch.device =
         moe = dataclasses.replace(moe, drop_tokens=False)
     cfg = dataclasses.replace(cfg, moe=moe)
     engine_lib.init_distributed(device=device)        # the process group (its first call decides it)
-    with devices.choose(device, why="loading a model"):
-        model = MoSEGPT(cfg.model, cfg.moe)
-    for layer in model.moe_layers():
-        layer.set_deepspeed_parallelism()
+    model = build_model(cfg, devices.choose(device, why="loading a model"))
 
     states, weights = read_model_states(folder)
     expected = model.state_dict()

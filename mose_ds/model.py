@@ -208,6 +208,31 @@ class MoSEGPT(nn.Module):
             param.copy_(sample)
 
 
+def build_model(cfg, device="cpu", one_rank: bool = False, seed: int | None = None) -> MoSEGPT:
+    """The one way a process builds a model of a RunConfig: allocated on `device` (on "meta",
+    shapes only: no memory, no process group needed), its MoE layers joined to DeepSpeed's
+    expert-parallel groups, and initialised from `seed` when given (the same weights under any
+    layout). `one_rank`: every expert in this process (expert_parallel_size 1), as inference,
+    conversion and counting want; training keeps the recipe's layout."""
+    moe = dataclasses.replace(cfg.moe, expert_parallel_size=1) if one_rank else cfg.moe
+    with torch.device(device):
+        model = MoSEGPT(cfg.model, moe, bf16=cfg.engine.precision == "bf16",
+                        activation_checkpointing=cfg.train.activation_checkpointing)
+    if torch.device(device).type != "meta":
+        for layer in model.moe_layers():
+            layer.set_deepspeed_parallelism()
+    if seed is not None:
+        model.init_weights(seed, expert_rank(model))
+    return model
+
+
+def expert_rank(model: MoSEGPT) -> int:
+    """This process's index in its expert-parallel group (0 without MoE layers)."""
+    from deepspeed.utils import groups
+    layers = model.moe_layers()
+    return groups._get_expert_parallel_rank(layers[0].expert_group_name) if layers else 0
+
+
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy, computed in fp32 a chunk of rows at a time (loss.py)."""
     return chunked_cross_entropy(logits_BSV.flatten(0, 1), targets_BS.flatten())
@@ -238,9 +263,7 @@ def model_info(cfg) -> dict:
     from .flops import CONVENTIONS, forward_flops_per_token
 
     engine.init_distributed(device="cpu")
-    single = dataclasses.replace(cfg.moe, expert_parallel_size=1)   # counts do not depend on EP
-    with torch.device("meta"):
-        model = MoSEGPT(cfg.model, single)
+    model = build_model(cfg, "meta", one_rank=True)                 # counts do not depend on EP
     counts = count_parameters(model)
     moe_layers = model.moe_layers()
     expert = sum(p.numel() for m in moe_layers for p in m.local_experts.parameters())

@@ -85,3 +85,35 @@ def against(points: dict[str, list[Point]], reference: str) -> dict[str, dict]:
                      "not_comparable": sum(f is None for f in flags),
                      "flops_reduction_at_matched_ppl": flops_reduction(pts, ref)}
     return out
+
+
+# --------------------------------------------------------------------------- a sweep's summary
+
+MODES = ("full", "uniform", "normprob", "gamma-shared", "gamma-layerwise", "moe")
+
+
+def mode_points(rows: list[dict], key: str) -> dict[str, list]:
+    """(MFLOPs/token under `key`, perplexity) of every mode of a sweep's rows that has points."""
+    points = {m: [(r[key], r["ppl"]) for r in rows if r["mode"] == m] for m in MODES}
+    return {m: p for m, p in points.items() if p}
+
+
+def table1(rows: list[dict], k: int) -> dict:
+    """The paper's Table 1 operating point: MoSE at full width, MoSE with learned gamma at the
+    full budget Gamma = k (layer-wise, else shared), and the MoE baseline at full width."""
+    def at(mode, budget):
+        return next((r for r in rows if r["mode"] == mode and abs(r["budget"] - budget) < 1e-9), None)
+    picks = {"mose_full_width": at("full", k),
+             "mose_ttt_at_gamma_k": at("gamma-layerwise", k) or at("gamma-shared", k),
+             "moe_full_width": at("moe", k)}
+    return {name: r for name, r in picks.items() if r}
+
+
+def sweep_summary(rows: list[dict], k: int) -> dict:
+    """What a sweep's summary.json says of its rows: every mode against the uniform and the
+    normalised-probability frontiers, with nominal and with executed MFLOPs, and Table 1."""
+    keys = (("", "mflops_paper"), ("_executed", "mflops_paper_executed"))
+    return {"rows": rows,
+            **{f"vs_{ref}{tag}": against(mode_points(rows, key), ref) for ref in ("uniform", "normprob")
+               for tag, key in keys},
+            "table1": table1(rows, k)}

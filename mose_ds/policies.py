@@ -79,6 +79,32 @@ def spec_from_arguments(args) -> PolicySpec:
                       gamma_mode=args.gamma_mode, exact_budget=args.exact_budget, continuous=args.continuous)
 
 
+def gamma_table(identity: dict, top_k: int, relaxation: str, policy: dict, calibration: dict, results: dict) -> dict:
+    """The gamma table of a calibration (`calibrate.calibrate`'s CalibrationResult per mode,
+    in budget order): what `read_gamma_table` reads back and checks."""
+    return {
+        "checkpoint": identity, "top_k": top_k, "relaxation": relaxation, "policy": policy,
+        "calibration": calibration,
+        "modes": {mode: [{
+            "budget": r.budget, "gamma": [round(g, 6) for g in r.gamma],
+            "loss_hard": round(r.loss_hard, 6), "loss_hard_at_gamma_1": round(r.loss_hard_at_1, 6),
+            "loss_relaxed": round(r.loss_relaxed, 6), "loss_relaxed_at_gamma_1": round(r.loss_relaxed_at_1, 6),
+            "mflops_per_token": {c: round(v, 4) for c, v in r.hard.mflops.items()},
+            "mflops_per_token_executed": {c: round(v, 4) for c, v in r.hard.mflops_executed.items()},
+            "mean_width": round(r.hard.mean_width, 4), "stream_evaluations": r.evaluations}
+            for r in rs] for mode, rs in results.items()},
+    }
+
+
+def write_gamma_table(path: str, table: dict) -> None:
+    """Write a gamma table atomically (a reader never sees half a table)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(table, f, sort_keys=False)
+    os.replace(tmp, path)
+
+
 def read_gamma_table(path: str, identity: dict | None = None) -> dict:
     """A gamma table, checked against the checkpoint `identity` (LoadedModel.identity)."""
     if not os.path.isfile(path):

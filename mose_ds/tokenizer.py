@@ -30,6 +30,8 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenisation pattern
 
+from .prepared import HF_TOKENIZER_FILE, TOKENIZERS, read_meta
+
 EOT_ID = 50256
 GPT2_VOCAB_SIZE = 50257
 _MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -60,7 +62,6 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-HF_TOKENIZER_FILE = "tokenizer.json"
 
 
 class HFTokenizer:
@@ -108,7 +109,6 @@ class HFTokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-TOKENIZERS = ("gpt2", "bytes", HF_TOKENIZER_FILE)
 
 
 def base_tokenizer(name: str, folder: str = "", eot_token: int | None = None):
@@ -157,7 +157,6 @@ class TextCodec:
     def for_data(cls, folder: str) -> "TextCodec":
         """The codec of a folder written by `mose-prepare` (a missing folder is a
         ConfigError, never a guess)."""
-        from .data import read_meta
         return cls.for_folder(folder, read_meta(folder))
 
     @classmethod
@@ -264,7 +263,6 @@ def write_record(data: str, out: str, meta: dict | None = None) -> list[str]:
     `tokenizer.json` and compact vocabulary map when it has them, and last `mose_tokenizer.json`
     (the record, plus where it came from). Returns the names written. `meta` stands in for the
     folder's meta.json (an HF model directory has none: `model_dir_meta`)."""
-    from .data import read_meta
     record = record_of(data, meta if meta is not None else read_meta(data))
     names = []
     if record["tokenizer"] == HF_TOKENIZER_FILE:
@@ -292,7 +290,6 @@ def check_data(checkpoint: str, data: str) -> None:
     """Refuse prepared data folder `data` (TokenizerError naming both) unless its ids are of the
     tokenizer checkpoint folder `checkpoint` records; a checkpoint without a record has
     nothing to compare."""
-    from .data import read_meta
     record, data_record = read_record(checkpoint), record_of(data, read_meta(data))
     if record is not None and identity(data_record) != identity(record):
         raise TokenizerError(f"data folder {data} holds ids of {describe(data_record)}, but checkpoint "

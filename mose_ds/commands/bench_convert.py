@@ -43,15 +43,13 @@ def synthetic_config(gb: float) -> dict:
 
 def hf_shapes(hf: dict) -> dict[str, tuple]:
     """{HF tensor name: shape} of a DeepSeek-V2 model (through our model on the meta device)."""
-    import torch
     from mose_ds import engine
     from mose_ds.config import from_dict
     from mose_ds.hf_mapping import hf_shape, ours_to_hf
-    from mose_ds.model import MoSEGPT
+    from mose_ds.model import build_model
     engine.init_distributed(device="cpu")
     cfg = from_dict({"model": {"hf": hf, "seq_len": 128}})
-    with torch.device("meta"):
-        model = MoSEGPT(cfg.model, cfg.moe)
+    model = build_model(cfg, "meta")
     shapes = {}
     for name, p in model.named_parameters():
         for hf_name, layout in ours_to_hf(name):

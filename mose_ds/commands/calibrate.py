@@ -27,7 +27,6 @@ import sys
 import time
 
 import numpy as np
-import yaml
 
 
 RELAXATION = ("soft prefix mask: hidden unit j weighted clamp(w*H - j, 0, 1) (loss_relaxed, and the "
@@ -121,7 +120,7 @@ def main(argv=None) -> int:
         from mose_ds.config import ConfigError
         from mose_ds.devices import DeviceError
         from mose_ds.inference import load_model, weights_digest
-        from mose_ds.policies import PolicyError, check_budgets, default_budgets
+        from mose_ds.policies import PolicyError, check_budgets, default_budgets, gamma_table, write_gamma_table
     start = time.time()
     try:
         with contextlib.redirect_stdout(sys.stderr):
@@ -171,29 +170,13 @@ def main(argv=None) -> int:
     if weights_digest(model) != digest:
         raise WeightsChanged("model weights changed during calibration")
 
-    table = {
-        "checkpoint": loaded.identity,
-        "top_k": k,
-        "relaxation": RELAXATION,
-        "policy": {"wmin": settings.wmin, "wmax": settings.wmax, "exact_budget": settings.exact_budget,
-                   "round_to_grid": settings.grid is not None},
-        "calibration": {"data": os.path.abspath(args.text or args.data or cfg.data.path), "split": None if args.text else args.split,
-                        "batches": args.batches, "batch_size": args.batch_size, "seq_len": cfg.model.seq_len,
-                        "method": describe(args), "seed": args.seed},
-        "modes": {mode: [{
-            "budget": r.budget, "gamma": [round(g, 6) for g in r.gamma],
-            "loss_hard": round(r.loss_hard, 6), "loss_hard_at_gamma_1": round(r.loss_hard_at_1, 6),
-            "loss_relaxed": round(r.loss_relaxed, 6), "loss_relaxed_at_gamma_1": round(r.loss_relaxed_at_1, 6),
-            "mflops_per_token": {c: round(v, 4) for c, v in r.hard.mflops.items()},
-            "mflops_per_token_executed": {c: round(v, 4) for c, v in r.hard.mflops_executed.items()},
-            "mean_width": round(r.hard.mean_width, 4), "stream_evaluations": r.evaluations}
-            for r in rs] for mode, rs in results.items()},
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(table, f, sort_keys=False)
-    os.replace(tmp, out)
+    write_gamma_table(out, gamma_table(
+        loaded.identity, k, RELAXATION,
+        {"wmin": settings.wmin, "wmax": settings.wmax, "exact_budget": settings.exact_budget,
+         "round_to_grid": settings.grid is not None},
+        {"data": os.path.abspath(args.text or args.data or cfg.data.path), "split": None if args.text else args.split,
+         "batches": args.batches, "batch_size": args.batch_size, "seq_len": cfg.model.seq_len,
+         "method": describe(args), "seed": args.seed}, results))
 
     print("\n  mode      | budget | gamma                  | loss hard (gamma=1) | relaxed (gamma=1)  "
           "| MFLOPs/tok paper (executed) | width")

@@ -10,7 +10,6 @@ data position. A job of any layout resumes from it and re-saves it in its own la
 """
 
 import argparse
-import os
 import sys
 import time
 

@@ -63,52 +63,12 @@ def hf_tensors(folder: str) -> dict:
     return entries
 
 
-def plan(entries: dict, expected: dict) -> dict:
-    """{our name: (dtype, shape, [(layout, TensorEntry), ...])}, checked against `expected`
-    ({our name: shape} of the model built from the config)."""
-    from mose_ds.hf_mapping import hf_to_ours
-    from mose_ds.shards import DTYPES
-    out = {}
-    for hf_name, entry in entries.items():
-        try:
-            name, layout = hf_to_ours(hf_name)
-        except KeyError:
-            raise Failure(f"{entry.file}: unexpected tensor {hf_name} (not part of a DeepSeek-V2 model "
-                          "with this config)") from None
-        if name not in expected:
-            raise Failure(f"{entry.file}: tensor {hf_name} does not exist in a model with this config")
-        out.setdefault(name, [DTYPES[entry.dtype], None, []])[2].append((layout, entry))
-    for name, (dtype, _, sources) in out.items():
-        shapes = {layout: entry.shape for layout, entry in sources}
-        if "fc1.gate" in shapes or "fc1.up" in shapes:
-            if len(shapes) != 2:
-                raise Failure(f"{sources[0][1].file}: dense FFN {name} lacks its "
-                              f"{'up' if 'fc1.gate' in shapes else 'gate'}_proj half")
-            shape = (shapes["fc1.gate"][0] + shapes["fc1.up"][0],) + tuple(shapes["fc1.gate"][1:])
-            sources.sort(key=lambda s: s[0] != "fc1.gate")
-        else:
-            layout, entry = sources[0]
-            shape = tuple(reversed(entry.shape)) if layout == "transpose" else entry.shape
-        if tuple(shape) != tuple(expected[name]):
-            hf_names = ", ".join(os.path.basename(e.file) for _, e in sources)
-            raise Failure(f"tensor for {name} has shape {list(shape)} in {hf_names}, "
-                          f"the config implies {list(expected[name])}")
-        out[name][1] = tuple(shape)
-    missing = [n for n in expected if n not in out]
-    if missing:
-        raise Failure(f"the checkpoint lacks {len(missing)} tensor(s) of the model, e.g. {missing[0]}")
-    return out
-
-
 def expected_shapes(cfg) -> dict:
     """Parameter shapes of the model (meta device, one expert-parallel rank)."""
-    import dataclasses
-    import torch
     from mose_ds import engine
-    from mose_ds.model import MoSEGPT
+    from mose_ds.model import build_model
     engine.init_distributed(device="cpu")
-    with torch.device("meta"):
-        model = MoSEGPT(cfg.model, dataclasses.replace(cfg.moe, expert_parallel_size=1))
+    model = build_model(cfg, "meta", one_rank=True)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
@@ -117,7 +77,7 @@ def convert(args, say) -> tuple[str, int, int]:
     from tqdm import tqdm
     from mose_ds.config import ConfigError, from_dict, save_config
     from mose_ds.deepseek import HFConfigError, read_hf_config
-    from mose_ds.hf_mapping import merge_fc1, to_ours
+    from mose_ds.hf_mapping import ConversionError, conversion_plan, merge_fc1, to_ours
     from mose_ds.shards import ShardError, read_tensor, staged_folder, write_file
     from mose_ds.tokenizer import model_dir_meta, write_record
 
@@ -129,8 +89,8 @@ def convert(args, say) -> tuple[str, int, int]:
         cfg = from_dict({"model": {"name": args.name or os.path.basename(os.path.abspath(args.hf)),
                                    "hf": hf, "seq_len": args.seq_len},
                          "moe": {"expert_parallel_size": args.expert_parallel_size}}, source=args.hf)
-        tensors = plan(hf_tensors(args.hf), expected_shapes(cfg))
-    except (HFConfigError, ConfigError, ShardError) as e:
+        tensors = conversion_plan(hf_tensors(args.hf), expected_shapes(cfg))
+    except (HFConfigError, ConfigError, ShardError, ConversionError) as e:
         raise Failure(str(e)) from None
 
     # One output file per input shard, holding the tensors whose (first) source is in it.

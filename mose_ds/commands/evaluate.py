@@ -35,7 +35,6 @@ import time
 
 from mose_ds.policies import add_policy_arguments
 
-MODES = ("full", "uniform", "normprob", "gamma-shared", "gamma-layerwise", "moe")
 COLORS = {"full": "black", "uniform": "tab:blue", "normprob": "tab:orange",
           "gamma-shared": "tab:green", "gamma-layerwise": "tab:red", "moe": "tab:grey"}
 
@@ -238,14 +237,9 @@ def cmd_sweep(args, say):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    summary = {"checkpoint": loaded.identity, "data": source, "rows": rows,
-               "baseline": baseline.identity if baseline else None,
-               **{f"vs_uniform{tag}": pareto.against(mode_points(rows, key), "uniform")
-                  for tag, key in (("", "mflops_paper"), ("_executed", "mflops_paper_executed"))},
-               **{f"vs_normprob{tag}": pareto.against(mode_points(rows, key), "normprob")
-                  for tag, key in (("", "mflops_paper"), ("_executed", "mflops_paper_executed"))},
-               "table1": table1(rows, loaded.cfg.moe.top_k)}
-    points = mode_points(rows, "mflops_paper")
+    summary = {"checkpoint": loaded.identity, "data": source, "baseline": baseline.identity if baseline else None,
+               **pareto.sweep_summary(rows, loaded.cfg.moe.top_k)}
+    points = pareto.mode_points(rows, "mflops_paper")
     uniform_ref = points["uniform"] + points["full"]          # w = 1 closes the uniform frontier
     full_flops = points["full"][0][0]
     plot_pareto(points, os.path.join(args.out, "pareto.png"), loaded.cfg.model.name, summary["table1"])
@@ -283,23 +277,6 @@ def check_same_tokenizer(loaded, baseline) -> None:
     if mine is not None and theirs is not None and identity(mine) != identity(theirs):
         raise Failure(f"--baseline {baseline.folder} was trained with {describe(theirs)}, but {loaded.folder} "
                       f"with {describe(mine)}: they cannot be scored on the same ids")
-
-
-def mode_points(rows: list[dict], key: str) -> dict[str, list]:
-    """(MFLOPs/token under `key`, perplexity) of every mode that has points."""
-    points = {m: [(r[key], r["ppl"]) for r in rows if r["mode"] == m] for m in MODES}
-    return {m: p for m, p in points.items() if p}
-
-
-def table1(rows: list[dict], k: int) -> dict:
-    """The paper's Table 1 operating point: MoSE at full width, MoSE with learned gamma at the
-    full budget Gamma = k (layer-wise, else shared), and the MoE baseline at full width."""
-    def at(mode, budget):
-        return next((r for r in rows if r["mode"] == mode and abs(r["budget"] - budget) < 1e-9), None)
-    picks = {"mose_full_width": at("full", k),
-             "mose_ttt_at_gamma_k": at("gamma-layerwise", k) or at("gamma-shared", k),
-             "moe_full_width": at("moe", k)}
-    return {name: r for name, r in picks.items() if r}
 
 
 def compute_quality_table(rows: list[dict]) -> str:

@@ -326,7 +326,7 @@ def check_bench_attention(ctx) -> dict:
 def write_tokens(folder: str, vocab: int, count: int) -> str:
     """A folder in mose-prepare's format (train.bin, val.bin, meta.json) of Zipf-
     distributed ids: a corpus whose unigram law a model learns in tens of iterations."""
-    from mose_ds.data import write_meta
+    from mose_ds.prepared import write_meta
     os.makedirs(folder, exist_ok=True)
     dtype = np.uint16 if vocab <= 2 ** 16 else np.uint32
     ids, cut = ((np.random.default_rng(0).zipf(1.2, count) - 1) % vocab).astype(dtype), count * 9 // 10
@@ -449,7 +449,7 @@ def check_decoding(ctx) -> dict:
     from mose_ds.config import from_dict
     from mose_ds.generation import PlainDecoding, SelfSpeculativeDecoding
     from mose_ds.kv_cache import KVCache
-    from mose_ds.model import MoSEGPT
+    from mose_ds.model import build_model
     from mose_ds.widths import FULL_WIDTH, NormProbPolicy, UniformPolicy
     tiny = {"name": "decode", "num_layers": 4, "num_heads": 2, "hidden_size": 64, "vocab_size": 64, "seq_len": 64,
             "init_std": 0.15}
@@ -458,12 +458,7 @@ def check_decoding(ctx) -> dict:
                                                    "seq_len": 64}, "moe": {"drop_tokens": False}})}
     errors, identical, gen = {}, {}, torch.Generator().manual_seed(0)
     for family, cfg in configs.items():
-        with torch.device("cpu"):
-            model = MoSEGPT(cfg.model, cfg.moe)
-        for layer in model.moe_layers():
-            layer.set_deepspeed_parallelism()
-        model.init_weights(0)
-        model = model.to(ctx.device).eval()
+        model = build_model(cfg, "cpu", seed=0).to(ctx.device).eval()
         vocab = min(cfg.model.vocab_size, 64)
         rows = [torch.randint(0, vocab, (n,), generator=gen) for n in (13, 7, 10)]
         policies = {"full": FULL_WIDTH, "uniform0.5": UniformPolicy(0.5),

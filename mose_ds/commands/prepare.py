@@ -384,7 +384,7 @@ def main(argv=None) -> None:
     docs_per_s, tokens_per_s = len(lengths) / max(seconds, 1e-9), int(lengths.sum()) / max(seconds, 1e-9)
     rate = {"seconds": round(seconds, 3), "documents_per_s": round(docs_per_s, 1),
             "tokens_per_s": round(tokens_per_s, 1), "num_proc": args.num_proc, "streaming": args.streaming}
-    from mose_ds.data import write_meta  # imported late: it brings torch, which workers and errors skip
+    from mose_ds.prepared import write_meta
     write_meta(args.out, {"tokenizer": tokenizer, "vocab_size": vocab_size, "eot_id": eot, **extra,
                           "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
                           "documents": len(lengths), "source": source, "tokenize_rate": rate})
