@@ -191,6 +191,14 @@ class _Run:
         return len(out) >= limit
 
 
+def _check_dropless(model: MoSEGPT, why: str) -> None:
+    """A token's output must not depend on the other tokens of its forward: with expert
+    capacity a verify chunk (or a padded batch) can drop slots a one-token step keeps."""
+    if any(layer.moe.drop_tokens for layer in model.moe_layers()):
+        raise GenerationError(f"{why} needs a dropless model (moe.drop_tokens: false; "
+                              "inference.load_model(..., dropless=True))")
+
+
 def _check(model: MoSEGPT, prompts: Sequence[Sequence[int]], room: int) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("every prompt needs at least one token")
@@ -220,6 +228,8 @@ class PlainDecoding:
         """Up to `max_new_tokens` per prompt; `on_tokens(row, new ids)` sees them as they come,
         `stop(row, ids so far)` ends a row early."""
         _check(self.model, prompts, max_new_tokens)
+        if len(prompts) > 1:
+            _check_dropless(self.model, "decoding a batch of prompts")
         result = Generation([[] for _ in prompts])
         run = _Run(self.model, self.eos_id, on_tokens, result, stop)
         begin = time.perf_counter()
@@ -266,6 +276,7 @@ class SelfSpeculativeDecoding:
         """Up to `max_new_tokens` per prompt; `on_tokens(row, new ids)` sees them as they come,
         `stop(row, ids so far)` ends a row early."""
         _check(self.model, prompts, max_new_tokens + self.draft_tokens + 1)
+        _check_dropless(self.model, "self-speculative decoding")
         result = Generation([[] for _ in prompts])
         run = _Run(self.model, self.eos_id, on_tokens, result, stop)
         begin = time.perf_counter()

@@ -16,6 +16,7 @@ The model is dropless (no expert capacity), as generation here is: compare with
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import os
@@ -108,17 +109,25 @@ def write_tokenizer(folder: str, data: str | None, out: str) -> int:
     return TextCodec.for_checkpoint(out, report=lambda msg: None).eot
 
 
-def export_slimmable(ckpt: str, out: str, overwrite: bool = False, dtype: str = "float32", policy: dict | None = None,
+def export_slimmable(ckpt: str, out: str, overwrite: bool = False, dtype: str = "float32", spec=None,
                      gamma_table: str | None = None, data: str | None = None) -> dict:
-    """Write the slimmable export of checkpoint `ckpt` to `out` (staged under `<out>.partial`);
-    returns what was written."""
+    """Write the slimmable export of checkpoint `ckpt` to `out` (staged under `<out>.partial`)
+    with `spec` (a policies.PolicySpec, checked against the checkpoint first) as its default
+    width policy; returns what was written."""
     from .inference import load_model
-    from .policies import read_gamma_table
+    from .policies import PolicySpec, build_policy, read_gamma_table
     from .shards import staged_folder, write_file
+    spec = spec or PolicySpec()
     loaded = load_model(ckpt, dropless=True)
+    gamma_table = gamma_table or spec.table
+    build_policy(spec if spec.table else dataclasses.replace(spec, table=gamma_table), loaded.cfg, loaded.identity)
+    policy = policy_dict(spec)
     table = None
     if gamma_table:
         full = read_gamma_table(gamma_table, loaded.identity)
+        if full.get("policy", {}).get("exact_budget"):
+            raise ExportError(f"gamma table {gamma_table} was calibrated with --exact-budget, which the exported "
+                              "model does not implement")
         table = {"modes": full["modes"], "policy": full.get("policy", {}), "checkpoint": full["checkpoint"]}
     torch_dtype = getattr(torch, dtype)
     weights = {export_name(k): v.to(torch_dtype).contiguous() for k, v in loaded.model.state_dict().items()
@@ -129,7 +138,7 @@ def export_slimmable(ckpt: str, out: str, overwrite: bool = False, dtype: str = 
                    metadata={"format": "pt"})
         eos = write_tokenizer(loaded.folder, data or loaded.cfg.data.path, partial)
         with open(os.path.join(partial, "config.json"), "w") as f:
-            json.dump(remote_config(loaded.cfg, eos, dtype, policy or {"kind": "full"}, table), f, indent=2)
+            json.dump(remote_config(loaded.cfg, eos, dtype, policy, table), f, indent=2)
         source = importlib.resources.files("mose_ds") / "hf_remote"
         for name in REMOTE_FILES:
             shutil.copyfile(str(source / name), os.path.join(partial, name))

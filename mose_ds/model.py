@@ -173,9 +173,10 @@ class MoSEGPT(nn.Module):
         return F.linear(h_BSD, head), routing                           # [B, S, V]
 
     def first_moe_block(self) -> int:
-        """The index of the first block with a MoE mlp: the blocks up to it (attention
-        included) see the same inputs at every width policy."""
-        return next(i for i, layer in enumerate(self.layers) if isinstance(layer.mlp, SlimmableMoE))
+        """The index of the first block with a MoE mlp (the block count when there is none):
+        the blocks up to it (attention included) see the same inputs at every width policy."""
+        return next((i for i, layer in enumerate(self.layers) if isinstance(layer.mlp, SlimmableMoE)),
+                    len(self.layers))
 
     def global_parameters(self, expert_rank: int = 0):
         """(name, parameter) pairs with experts named by their global index

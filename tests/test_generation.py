@@ -196,3 +196,8 @@ def test_bad_requests_are_one_line_errors(world):
         plain.generate([[]], 2)
     with pytest.raises(ValueError, match="top_k=3"):
         PlainDecoding(model, UniformPolicy(0.5, top_k=3)).generate([[1, 2]], 2)
+    dropping = build(tiny_config(model={"num_layers": 2}, moe={"drop_tokens": True}))   # expert capacity
+    with pytest.raises(GenerationError, match="needs a dropless model"):
+        SelfSpeculativeDecoding(dropping, FULL_WIDTH, UniformPolicy(0.5), 2).generate([[1, 2]], 2)
+    with pytest.raises(GenerationError, match="needs a dropless model"):
+        PlainDecoding(dropping, FULL_WIDTH).generate([[1, 2], [3]], 2)

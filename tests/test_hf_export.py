@@ -115,6 +115,9 @@ def test_export_refusals_are_one_line_errors(runs, tmp_path, capsys):
     out.mkdir()
     assert export_hf.main(["--ckpt", runs["bytes"], "--out", str(out), "--slimmable"]) == 2
     assert "exists" in capsys.readouterr().err and os.listdir(out) == []           # nothing replaced
+    assert export_hf.main(["--ckpt", runs["bytes"], "--out", str(tmp_path / "y"), "--slimmable",
+                           "--policy", "uniform"]) == 2                   # a default policy that cannot load
+    assert "uniform policy needs a width" in capsys.readouterr().err
     other = load_model(runs["gpt2_bpe"])
     table = gamma_table(other, tmp_path / "other.yaml")
     assert export_hf.main(["--ckpt", runs["bytes"], "--out", str(tmp_path / "y"), "--slimmable",

@@ -295,12 +295,12 @@ def slimmable(args) -> int:
         from mose_ds.train import quiet_libraries
         quiet_libraries()
         from mose_ds.checkpoint import CheckpointError
-        from mose_ds.hf_export import ExportError, export_slimmable, policy_dict
+        from mose_ds.hf_export import ExportError, export_slimmable
         from mose_ds.policies import PolicyError, spec_from_arguments
         from mose_ds.tokenizer import TokenizerError
         try:
             done = export_slimmable(args.ckpt, args.out, args.overwrite, "float32" if args.dtype == "auto" else args.dtype,
-                                    policy_dict(spec_from_arguments(args)), args.gamma_table, args.data)
+                                    spec_from_arguments(args), args.gamma_table, args.data)
         except (CheckpointError, ExportError, PolicyError, TokenizerError, FileExistsError) as e:
             print(f"mose-export-hf: error: {e}", file=sys.stderr)
             return 2
