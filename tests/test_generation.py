@@ -84,13 +84,13 @@ def test_rows_at_different_slots_and_a_rolled_back_row(world):
     cfg = family_config("gpt2")
     model = build(cfg)
     gen = torch.Generator().manual_seed(2)
-    a, b, junk = (torch.randint(0, cfg.model.vocab_size, (n,), generator=gen) for n in (7, 4, 3))
+    a, b, junk = (torch.randint(0, cfg.model.vocab_size, (n,), generator=gen) for n in (7, 5, 2))
     cache = KVCache(len(model.layers), 2, 12)
     with torch.no_grad():
-        model(torch.stack([a[:5], torch.cat([b, junk[:1]])]), FULL_WIDTH, context=cache.step([0, 0], 5))
+        model(torch.stack([a[:5], torch.cat([b[:4], junk[:1]])]), FULL_WIDTH, context=cache.step([0, 0], 5))
         model(torch.stack([a[5:6], junk[1:2]]), FULL_WIDTH, context=cache.step([5, 5], 1))   # b: junk at 4, 5
-        # b rolls back to 4 slots; the rows now write at slots 6 and 4 in one forward
-        step, _ = model(torch.stack([a[6:7], b[3:4]]), FULL_WIDTH, context=cache.step([6, 3], 1))
+        # b rolls back to 4 slots; in one forward the rows write slots 6 and 4 (over b's junk)
+        step, _ = model(torch.stack([a[6:7], b[4:5]]), FULL_WIDTH, context=cache.step([6, 4], 1))
         full_a, full_b = (model(r[None], FULL_WIDTH)[0][0, -1] for r in (a, b))
     assert torch.allclose(step[0, 0], full_a, atol=1e-5) and torch.allclose(step[1, 0], full_b, atol=1e-5)
 
