@@ -219,7 +219,7 @@ def _by_slot(rows_ND: torch.Tensor, row_TK: torch.Tensor) -> torch.Tensor:
     return rows_ND.index_select(0, row_TK.reshape(-1)).view(T, K, rows_ND.shape[1])
 
 
-def _sum_over_choices(y_TKD: torch.Tensor, p_TK: torch.Tensor | None = None) -> torch.Tensor:
+def sum_over_choices(y_TKD: torch.Tensor, p_TK: torch.Tensor | None = None) -> torch.Tensor:
     """sum over k of (p_tk times) y[t, k], in fp32, choice 0 first [T, D]: a fixed order."""
     out_TD = y_TKD[:, 0].to(torch.float32, copy=True)
     if p_TK is not None:
@@ -235,7 +235,7 @@ def _sum_over_choices(y_TKD: torch.Tensor, p_TK: torch.Tensor | None = None) -> 
 def _gather_tokens(x_TD: torch.Tensor, token_N: torch.Tensor, row_TK: torch.Tensor) -> torch.Tensor:
     """The token of each row [N, D]; in backward each token sums its rows' gradients in a
     fixed order, choice 0 first (autograd's index_select backward adds them atomically)."""
-    return gather_rows(x_TD, token_N, lambda g_ND: _sum_over_choices(_by_slot(g_ND, row_TK)).to(g_ND.dtype))
+    return gather_rows(x_TD, token_N, lambda g_ND: sum_over_choices(_by_slot(g_ND, row_TK)).to(g_ND.dtype))
 
 
 class _Combine(torch.autograd.Function):
@@ -247,7 +247,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y_ND, p_TK, row_TK, slot_N, token_N):
         y_TKD = _by_slot(y_ND, row_TK)
         ctx.save_for_backward(y_TKD, p_TK, slot_N, token_N)
-        return _sum_over_choices(y_TKD, p_TK.float()).to(y_ND.dtype)
+        return sum_over_choices(y_TKD, p_TK.float()).to(y_ND.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -180,6 +180,11 @@ class SlimmableFFN(nn.Module):
         """All N rows at one hidden size m (1 <= m <= H)."""
         return self.ranged(x_ND, None, [(0, m, x_ND.shape[0], x_ND.shape[0])])   # [N, D]
 
+    def sliced(self, x_ND: torch.Tensor, m: int) -> torch.Tensor:
+        """All N rows at one hidden size m in plain autograd operations: half of `forward`'s
+        operations, for the few rows of a decoding step, which has no backward."""
+        return F.linear(self.hidden(x_ND, 0, m), self.w_down[:m].t())        # [N, D]
+
     def ranged(self, x_ND: torch.Tensor, m_N: torch.Tensor | None, ranges) -> torch.Tensor:
         """Rows sorted widest first (sizes m_N) through the hidden-unit `ranges` of `plan_ranges`."""
         gate = self.w_gate if self.activation == "swiglu" else None
@@ -235,10 +240,10 @@ class LoopKernel:
         outs, units = [], 0
         parts = rows.rows_per_expert()
         for j, (expert, x_nD, m_n) in enumerate(zip(experts, rows.x().split(parts), rows.m_N.split(parts))):
-            sizes_U, counts_U = rows.sizes(j)
             if not parts[j] and not torch.is_grad_enabled():
                 outs.append(x_nD)               # no row, no gradient: nothing to run (decoding)
                 continue
+            sizes_U, counts_U = rows.sizes(j)
             if len(sizes_U) <= 1:
                 # One size, or none: an idle expert still runs (on no row) so that its weights
                 # get a zero gradient and every rank reduces the same gradients.

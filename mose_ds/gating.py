@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
 
 import torch
 
@@ -141,13 +143,25 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RoutingStats:
-    """Per-layer diagnostics of one forward (paper appendix B.5): detached device tensors,
-    read at logging steps. The statistics are computed when read, not in every forward."""
-    load_balance: torch.Tensor
-    z_loss: torch.Tensor
+    """Per-layer diagnostics of one forward (paper appendix B.5): detached tensors, read at
+    logging steps. The statistics are computed when read, not in every forward; so are the
+    two losses when the forward did not need them (`losses`: a decoding step)."""
     counts_E: torch.Tensor        # routed choices per expert (before capacity)
     kept: torch.Tensor            # routed choices that found a slot
     routed: int                   # routed choices, T K
+    losses: Callable[[], tuple[torch.Tensor, torch.Tensor]]   # (load balance, z loss)
+
+    @cached_property
+    def _losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(loss.detach() for loss in self.losses())
+
+    @property
+    def load_balance(self) -> torch.Tensor:
+        return self._losses[0]
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        return self._losses[1]
 
     @property
     def load_cv(self) -> torch.Tensor:
@@ -170,4 +184,4 @@ class RoutingStats:
 def routing_stats(counts_E: torch.Tensor, keep_TK: torch.Tensor, load_balance: torch.Tensor,
                   z_loss: torch.Tensor) -> RoutingStats:
     """The diagnostics of one forward from its expert histogram (`expert_counts`) and kept slots."""
-    return RoutingStats(load_balance.detach(), z_loss.detach(), counts_E, keep_TK.sum(), keep_TK.numel())
+    return RoutingStats(counts_E, keep_TK.sum(), keep_TK.numel(), lambda: (load_balance, z_loss))

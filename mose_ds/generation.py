@@ -235,9 +235,7 @@ class PlainDecoding:
         begin = time.perf_counter()
         B, lengths = len(prompts), [len(p) for p in prompts]
         cache = KVCache(len(self.model.layers), B, max(lengths) + max_new_tokens, run.device)
-        ids_BS = torch.zeros(B, max(lengths), dtype=torch.long)
-        for b, prompt in enumerate(prompts):
-            ids_BS[b, :len(prompt)] = torch.as_tensor(list(prompt))
+        ids_BS = _right_padded([list(p) for p in prompts])
         logits_BSV = run.forward("prefill", ids_BS, self.policy, cache.step([0] * B, max(lengths)))
         last_BV = logits_BSV[torch.arange(B), torch.tensor(lengths) - 1]
         generator, done, starts = self.sampling.generator(run.device), [False] * B, list(lengths)
@@ -257,7 +255,14 @@ class PlainDecoding:
 @dataclass
 class SelfSpeculativeDecoding:
     """The target policy's text, drafted `draft_tokens` at a time by the same weights under
-    `draft_policy` (one prompt at a time)."""
+    `draft_policy`, for a batch of prompts at once.
+
+    Rows move independently: each keeps its own count of tokens in each cache, so a round
+    drafts N tokens for every row, verifies N + 1 per row in one forward, and every row keeps
+    its own accepted prefix. A row that finishes stays in the batch, frozen (its forwards
+    write junk at its slot 0 and are ignored). Batching is where a narrow draft pays at a modest
+    size: a plain step of several rows reads most experts anyway, so verifying N + 1 tokens
+    per row reads few more weights, while the draft reads a fraction of them."""
     model: MoSEGPT
     policy: WidthPolicy
     draft_policy: WidthPolicy
@@ -275,57 +280,77 @@ class SelfSpeculativeDecoding:
                  stop: Callable[[int, list[int]], bool] | None = None) -> Generation:
         """Up to `max_new_tokens` per prompt; `on_tokens(row, new ids)` sees them as they come,
         `stop(row, ids so far)` ends a row early."""
-        _check(self.model, prompts, max_new_tokens + self.draft_tokens + 1)
+        N = self.draft_tokens
+        _check(self.model, prompts, max_new_tokens + N + 1)
         _check_dropless(self.model, "self-speculative decoding")
         result = Generation([[] for _ in prompts])
         run = _Run(self.model, self.eos_id, on_tokens, result, stop)
         begin = time.perf_counter()
-        generator = self.sampling.generator(run.device)
-        for row, prompt in enumerate(prompts):
-            self._one(run, row, list(prompt), max_new_tokens, generator)
+        generator, sampling = self.sampling.generator(run.device), self.sampling
+        B, lengths = len(prompts), [len(p) for p in prompts]
+        capacity = max(lengths) + max_new_tokens + N + 1
+        target = KVCache(len(self.model.layers), B, capacity, run.device)
+        draft = KVCache(len(self.model.layers), B, capacity, run.device, shared_from=target,
+                        shared_layers=self.model.first_moe_block() + 1)
+        ids_BS = _right_padded([list(p) for p in prompts])
+        logits_BSV = run.forward("prefill", ids_BS, self.policy, target.step([0] * B, max(lengths)))
+        run.forward("prefill", ids_BS, self.draft_policy, draft.step([0] * B, max(lengths)))
+        first_B = sampling.choose(sampling.probs(logits_BSV[torch.arange(B), torch.tensor(lengths) - 1]), generator)
+        seqs = [list(p) + [t] for p, t in zip(prompts, first_B.tolist())]
+        done = [run.emit(b, [seqs[b][-1]], max_new_tokens) for b in range(B)]
+        # Slots each cache holds of each row's seq; a finished row's are 0 and its writes junk.
+        target_len = [0 if d else n for d, n in zip(done, lengths)]
+        draft_len = list(target_len)
+        while not all(done):
+            drafts_BN, q_BNV = self._draft(run, draft, seqs, draft_len, done, generator)
+            verify_BS = torch.tensor([seqs[b][target_len[b]:] + drafts_BN[b] if not done[b] else [0] * (N + 1)
+                                      for b in range(B)])          # the last committed token, then the drafts
+            p_BSV = sampling.probs(run.forward("target", verify_BS, self.policy,
+                                               target.step(target_len, N + 1)).flatten(0, 1)).view(B, N + 1, -1)
+            result.draft_forwards += N
+            result.target_forwards += 1
+            result.rounds += 1
+            for b in (b for b in range(B) if not done[b]):
+                kept, token = accept_drafts(drafts_BN[b], q_BNV[b], p_BSV[b], sampling, generator)
+                result.drafted += N
+                result.accepted += kept
+                target_len[b] = len(seqs[b]) + kept
+                draft_len[b] = min(draft_len[b], target_len[b])    # roll the draft back to the kept prefix
+                new = drafts_BN[b][:kept] + [token]
+                seqs[b] += new
+                done[b] = run.emit(b, new, max_new_tokens)
+                if done[b]:
+                    target_len[b] = draft_len[b] = 0                # frozen: later writes land at slot 0
         result.seconds = time.perf_counter() - begin
         return result
 
-    def _one(self, run: _Run, row: int, prompt: list[int], max_new: int, generator: torch.Generator) -> None:
-        N, result, sampling = self.draft_tokens, run.result, self.sampling
-        capacity = len(prompt) + max_new + N + 1
-        layers = len(self.model.layers)
-        target = KVCache(layers, 1, capacity, run.device)
-        draft = KVCache(layers, 1, capacity, run.device, shared_from=target,
-                        shared_layers=self.model.first_moe_block() + 1)
-        ids_1S = torch.tensor([prompt])
-        logits_1SV = run.forward("prefill", ids_1S, self.policy, target.step([0], len(prompt)))
-        run.forward("prefill", ids_1S, self.draft_policy, draft.step([0], len(prompt)))
-        first = int(sampling.choose(sampling.probs(logits_1SV[:, -1]), generator))
-        seq = prompt + [first]
-        if run.emit(row, [first], max_new):
-            return
-        target_len = draft_len = len(prompt)             # slots each cache holds of seq
-        while True:
-            drafts, q_rows = [], []
-            feed = seq[draft_len:]                           # 1 token, or 2 after a full acceptance
-            for _ in range(N):
-                logits = run.forward("draft", torch.tensor([feed]), self.draft_policy,
-                                     draft.step([draft_len], len(feed)))[0, -1:]
-                draft_len += len(feed)
-                q_1V = sampling.probs(logits)
-                token = int(sampling.choose(q_1V, generator))
-                drafts.append(token)
-                q_rows.append(q_1V)
-                feed = [token]
-            verify = seq[target_len:] + drafts              # the last committed token, then the drafts
-            logits_SV = run.forward("target", torch.tensor([verify]), self.policy,
-                                    target.step([target_len], len(verify)))[0]
-            kept, token = accept_drafts(drafts, torch.cat(q_rows), sampling.probs(logits_SV[-N - 1:]),
-                                        sampling, generator)
-            result.draft_forwards += N
-            result.target_forwards += 1
-            result.drafted += N
-            result.accepted += kept
-            result.rounds += 1
-            target_len = len(seq) + kept
-            draft_len = min(draft_len, target_len)          # roll the draft back to the kept prefix
-            new = drafts[:kept] + [token]
-            seq += new
-            if run.emit(row, new, max_new):
-                return
+    def _draft(self, run: _Run, draft: KVCache, seqs: list[list[int]], draft_len: list[int], done: list[bool],
+               generator: torch.Generator) -> tuple[list[list[int]], torch.Tensor]:
+        """N draft tokens per row and the draft distributions they came from [B, N, V].
+        A row's first feed is the tokens its draft cache lacks: one, or two after a full
+        acceptance (the last draft and the bonus token); shorter feeds are right-padded, and
+        a padded slot is overwritten by the row's next step before any query sees it.
+        Advances `draft_len`; a finished row's feed is padding at slot 0."""
+        B, sampling = len(seqs), self.sampling
+        feeds = [[0] if done[b] else seqs[b][draft_len[b]:] for b in range(B)]
+        drafts_BN, q_rows = [[] for _ in range(B)], []
+        for _ in range(self.draft_tokens):
+            width = max(len(f) for f in feeds)
+            logits_BSV = run.forward("draft", _right_padded(feeds), self.draft_policy, draft.step(draft_len, width))
+            q_BV = sampling.probs(logits_BSV[torch.arange(B), torch.tensor([len(f) for f in feeds]) - 1])
+            tokens = sampling.choose(q_BV, generator).tolist()
+            q_rows.append(q_BV)
+            for b in range(B):
+                if not done[b]:
+                    draft_len[b] += len(feeds[b])
+                    drafts_BN[b].append(tokens[b])
+            feeds = [[0] if done[b] else [tokens[b]] for b in range(B)]
+        return drafts_BN, torch.stack(q_rows, dim=1)
+
+
+def _right_padded(rows: list[list[int]]) -> torch.Tensor:
+    """Token rows of different lengths as one [B, S] tensor, padded on the right with 0."""
+    ids_BS = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids_BS[b, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return ids_BS

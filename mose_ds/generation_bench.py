@@ -4,13 +4,14 @@ Three measurements, each printed as a table and written as JSON:
 
 * `compare`: a trained checkpoint, prompts from its held-out split, greedy, a full-width (or
   any) target: plain decoding, then self-speculative decoding for each draft width and draft
-  length N, one prompt at a time (batch 1). Per setting: the acceptance rate, tokens per
-  round, tokens/s, the measured decode-phase speed-up, and the speed-up predicted from the
-  acceptance and the per-forward costs measured in the same runs:
+  length N, `--batch` prompts at a time (rows of one batch share every forward). Per setting:
+  the acceptance rate, tokens per round, tokens/s, the measured decode-phase speed-up, and the
+  speed-up predicted from the acceptance and the per-forward costs measured in the same runs:
 
       speed-up = T * c_plain / (N * c_draft + c_verify),
 
-  T being the tokens a round yields (kept drafts + 1, the mean over rounds), and whether the
+  T being the tokens a row's round yields (kept drafts + 1, the mean over rows and rounds;
+  a forward costs the same whichever of its rows are still decoding), and whether the
   greedy texts are identical (they must be). The textbook T for independent acceptance,
   E(alpha, N) = (1 - alpha^(N+1)) / (1 - alpha), is reported beside it: text acceptance is
   bursty (a repeated phrase is drafted whole, a new word refused at once), so E
@@ -21,7 +22,7 @@ Three measurements, each printed as a table and written as JSON:
   cache of `--context` tokens, then composed into the whole model's step costs and, with
   acceptance rates from `compare` runs, the predicted speed-ups at that shape.
 * `scan`: the same per-step costs for GPT-2 MoSE models of growing size (random weights)
-  on this machine: at which size a narrow draft starts to pay.
+  on this machine, at a batch of `--batch` rows: at which size a narrow draft starts to pay.
 
 Timing: the median of `--repeats` runs after one warm-up, CUDA synchronised.
 """
@@ -101,20 +102,21 @@ def decode_seconds(gen) -> float:
 
 
 def compare(model, prompts, max_new: int, target=FULL_WIDTH, widths=DRAFT_WIDTHS, lengths=DRAFT_LENGTHS,
-            draft_top_k: int | None = None, eos_id: int | None = None, log=print) -> dict:
-    """Plain against self-speculative greedy decoding of `prompts`, one at a time, each prompt
-    decoded by every setting in turn (so drifting load hits them alike)."""
+            draft_top_k: int | None = None, eos_id: int | None = None, batch: int = 1, log=print) -> dict:
+    """Plain against self-speculative greedy decoding of `prompts`, `batch` at a time, each
+    batch decoded by every setting in turn (so drifting load hits them alike)."""
     decoders = {None: PlainDecoding(model, target, Sampling(), eos_id)}
     decoders.update({(w, n): SelfSpeculativeDecoding(model, target, UniformPolicy(w, top_k=draft_top_k), n,
                                                      Sampling(), eos_id)
                      for w in widths for n in lengths})
     runs = {key: [] for key in decoders}
-    for index, prompt in enumerate(prompts):
+    groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    for index, group in enumerate(groups):
         for key, dec in decoders.items():
-            runs[key].append(dec.generate([prompt], max_new))
-        log(f"prompt {index + 1}/{len(prompts)} decoded by {len(decoders)} settings")
+            runs[key].append(dec.generate(group, max_new))
+        log(f"batch {index + 1}/{len(groups)} ({len(group)} prompts) decoded by {len(decoders)} settings")
     base = runs.pop(None)
-    plain_tokens = [g.tokens[0] for g in base]
+    plain_tokens = [t for g in base for t in g.tokens]
     plain_decode = sum(decode_seconds(g) for g in base)
     c_plain = sum(g.forward_seconds["target"] for g in base) / sum(g.target_forwards for g in base)
     new_tokens = sum(len(t) for t in plain_tokens)
@@ -123,8 +125,8 @@ def compare(model, prompts, max_new: int, target=FULL_WIDTH, widths=DRAFT_WIDTHS
     settings = []
     for (width, n), gens in runs.items():
         drafted, accepted = sum(g.drafted for g in gens), sum(g.accepted for g in gens)
-        rounds = sum(g.rounds for g in gens)
-        alpha, per_round = accepted / drafted, (accepted + rounds) / rounds
+        row_rounds = drafted / n                                   # rounds of each row, summed
+        alpha, per_round = accepted / drafted, (accepted + row_rounds) / row_rounds
         c_draft = sum(g.forward_seconds["draft"] for g in gens) / sum(g.draft_forwards for g in gens)
         c_verify = sum(g.forward_seconds["target"] for g in gens) / sum(g.target_forwards for g in gens)
         setting = Setting(width, draft_top_k, n, alpha, per_round,
@@ -132,13 +134,13 @@ def compare(model, prompts, max_new: int, target=FULL_WIDTH, widths=DRAFT_WIDTHS
                           plain_decode / sum(decode_seconds(g) for g in gens),
                           predicted_speedup(per_round, n, c_plain, c_draft, c_verify),
                           predicted_speedup(expected_tokens(alpha, n), n, c_plain, c_draft, c_verify),
-                          c_draft, c_verify, [g.tokens[0] for g in gens] == plain_tokens)
+                          c_draft, c_verify, [t for g in gens for t in g.tokens] == plain_tokens)
         settings.append(setting)
         log(f"draft w={width:g}{'' if draft_top_k is None else f' top-{draft_top_k}'} N={n}: acceptance "
             f"{alpha:.3f}, {per_round:.2f} tokens/round, speed-up measured {setting.measured_speedup:.3f} "
             f"predicted {setting.predicted_speedup:.3f}, draft {c_draft * 1e3:.2f} ms verify {c_verify * 1e3:.2f} ms, "
             f"identical {setting.identical}")
-    return {"prompts": len(prompts), "max_new_tokens": max_new, "new_tokens": new_tokens,
+    return {"prompts": len(prompts), "batch": batch, "max_new_tokens": max_new, "new_tokens": new_tokens,
             "plain_tokens_per_s": new_tokens / sum(g.seconds for g in base), "c_plain": c_plain,
             "settings": [dataclasses.asdict(s) for s in settings]}
 
@@ -169,10 +171,10 @@ class StepCosts:
 
 
 def step_costs(model, dense_blocks: int, moe_blocks: int, context: int, widths, lengths, repeats: int,
-               draft_top_k: int | None = None, seed: int = 0) -> StepCosts:
+               draft_top_k: int | None = None, seed: int = 0, batch: int = 1) -> StepCosts:
     """Per-part step costs of `model` (one dense block at index 0, one MoE block at index 1
-    are timed; the whole model has `dense_blocks` and `moe_blocks` of them) at batch 1 with
-    `context` cached tokens."""
+    are timed; the whole model has `dense_blocks` and `moe_blocks` of them) for `batch` rows
+    with `context` cached tokens each."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     D = model.cfg.hidden_size
@@ -183,13 +185,13 @@ def step_costs(model, dense_blocks: int, moe_blocks: int, context: int, widths, 
     cases = {}
     with torch.no_grad():
         for key, (policy, q) in keys.items():
-            cache = KVCache(len(model.layers), 1, context + q, device)
-            prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=gen).to(device)
-            model(prompt, FULL_WIDTH, context=cache.step([0], context))           # fill the cache
-            step = cache.step([context], q)
-            h_SBD = (torch.randn(q, 1, D, generator=gen) * 0.5).to(device, dtype)
-            ids_1q = torch.randint(0, model.cfg.vocab_size, (1, q), generator=gen).to(device)
-            cases.update(_step_parts(model, key, step, h_SBD, ids_1q, policy))
+            cache = KVCache(len(model.layers), batch, context + q, device)
+            prompt = torch.randint(0, model.cfg.vocab_size, (batch, context), generator=gen).to(device)
+            model(prompt, FULL_WIDTH, context=cache.step([0] * batch, context))   # fill the cache
+            step = cache.step([context] * batch, q)
+            h_SBD = (torch.randn(q, batch, D, generator=gen) * 0.5).to(device, dtype)
+            ids_Bq = torch.randint(0, model.cfg.vocab_size, (batch, q), generator=gen).to(device)
+            cases.update(_step_parts(model, key, step, h_SBD, ids_Bq, policy))
         seconds = median_seconds(cases, repeats, device)
     parts = {"embed_head": {}, "dense": {}, "moe": {}}
     for (part, key), value in seconds.items():
@@ -197,14 +199,14 @@ def step_costs(model, dense_blocks: int, moe_blocks: int, context: int, widths, 
     return StepCosts(parts["embed_head"], parts["dense"], parts["moe"], dense_blocks, moe_blocks)
 
 
-def _step_parts(model, key: str, step, h_SBD, ids_1q, policy) -> dict:
+def _step_parts(model, key: str, step, h_SBD, ids_Bq, policy) -> dict:
     """Callables for one step's parts: embedding + final norm + LM head, block 0 (dense) and
     block 1 (MoE), each against the step's cache."""
-    device, q = ids_1q.device, ids_1q.shape[1]
+    device, q = ids_Bq.device, ids_Bq.shape[1]
     head = model.wte.weight if model.lm_head is None else model.lm_head.weight
 
     def embed_head():
-        x = model.wte(ids_1q)
+        x = model.wte(ids_Bq)
         if model.wpe is not None:
             x = x + model.wpe(step.positions(q, device))
         return torch.nn.functional.linear(model.final_norm(x), head)
@@ -286,16 +288,16 @@ def report(compares: dict, scan: str | None, shapes: dict, plot: str | None) -> 
     """Markdown tables (and a plot) of `compare`, `scan` and `shape` results:
     `compares` {model name: JSON path}, `shapes` {label: JSON path}."""
     out, acceptance = [], read_acceptance(list(compares.values()))
-    out.append("| model | draft | N | acceptance | tokens/round | speed-up measured | predicted | "
+    out.append("| model | batch | draft | N | acceptance | tokens/round | speed-up measured | predicted | "
                "predicted/measured | draft step / plain step | verify step / plain step | identical |")
-    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     points = []
     for name, path in compares.items():
         with open(path) as f:
             r = json.load(f)
         for s in r["settings"]:
             draft = f"w={s['draft_width']:g}" + ("" if s["draft_top_k"] is None else f" top-{s['draft_top_k']}")
-            out.append(f"| {name} | {draft} | {s['n']} | {s['acceptance']:.3f} | {s['tokens_per_round']:.2f} | "
+            out.append(f"| {name} | {r.get('batch', 1)} | {draft} | {s['n']} | {s['acceptance']:.3f} | {s['tokens_per_round']:.2f} | "
                        f"{s['measured_speedup']:.3f} | {s['predicted_speedup']:.3f} | "
                        f"{s['predicted_speedup'] / s['measured_speedup']:.3f} | {s['c_draft'] / r['c_plain']:.2f} | "
                        f"{s['c_verify'] / r['c_plain']:.2f} | {'yes' if s['identical'] else 'NO'} |")
@@ -369,6 +371,7 @@ def parse(argv=None):
     c.add_argument("--prompt-tokens", type=int, default=32)
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--draft-top-k", type=int, default=None)
+    c.add_argument("--batch", type=int, default=1, help="prompts decoded together")
     for q in (c,):
         q.add_argument("--widths", type=float, nargs="+", default=list(DRAFT_WIDTHS))
         q.add_argument("--lengths", type=int, nargs="+", default=list(DRAFT_LENGTHS))
@@ -386,6 +389,7 @@ def parse(argv=None):
     n.add_argument("--experts", type=int, default=8)
     n.add_argument("--top-k", type=int, default=2)
     n.add_argument("--vocab", type=int, default=257)
+    n.add_argument("--moe-every", type=int, default=2, help="MoE in blocks 0, E, 2E, ... (2: the presets)")
     r = sub.add_parser("report", help="markdown tables and a plot of compare / scan / shape results",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--compare", nargs="+", default=[], help="NAME=compare.json ...")
@@ -395,6 +399,7 @@ def parse(argv=None):
     for q in (s, n):
         q.add_argument("--context", type=int, default=128, help="tokens in the KV cache")
         q.add_argument("--repeats", type=int, default=5)
+        q.add_argument("--batch", type=int, default=1, help="rows per step")
         q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         q.add_argument("--acceptance", nargs="*", default=[], help="compare JSON files: acceptance rates")
         q.add_argument("--widths", type=float, nargs="+", default=list(DRAFT_WIDTHS))
@@ -420,7 +425,7 @@ def main(argv=None) -> int:
         prompts = held_out_prompts(folder, args.split, args.prompts, args.prompt_tokens)
         codec = TextCodec.for_checkpoint(loaded.folder, args.data)
         result = compare(loaded.model, prompts, args.max_new_tokens, FULL_WIDTH, args.widths, args.lengths,
-                         args.draft_top_k, codec.eot)
+                         args.draft_top_k, codec.eot, args.batch)
         result["checkpoint"] = loaded.identity
     else:
         dtype = getattr(torch, args.dtype)
@@ -428,18 +433,19 @@ def main(argv=None) -> int:
             with open(args.hf_config) as f:
                 hf = json.load(f)
             model, dense, moe = shape_model(hf, device, dtype)
-            costs = step_costs(model, dense, moe, args.context, args.widths, args.lengths, args.repeats)
-            result = {"hf_config": args.hf_config, "costs": dataclasses.asdict(costs),
+            costs = step_costs(model, dense, moe, args.context, args.widths, args.lengths, args.repeats,
+                               batch=args.batch)
+            result = {"hf_config": args.hf_config, "batch": args.batch, "costs": dataclasses.asdict(costs),
                       "totals": {k: costs.total(k) for k in costs.moe},
                       "predictions": predictions(costs, read_acceptance(args.acceptance), args.widths, args.lengths)}
         else:
-            result = {"sizes": []}
+            result = {"sizes": [], "batch": args.batch, "moe_every": args.moe_every}
             for hidden in args.hidden:
                 model, cfg = gpt2_model(hidden, hidden * args.expert_ratio, args.layers, args.experts, args.top_k,
                                         args.vocab, device, dtype)
-                moe_blocks = (args.layers + 1) // 2             # the presets: MoE in blocks 0, 2, ...
+                moe_blocks = len(range(0, args.layers, args.moe_every))
                 costs = step_costs(model, args.layers - moe_blocks, moe_blocks, args.context, args.widths,
-                                   args.lengths, args.repeats)
+                                   args.lengths, args.repeats, batch=args.batch)
                 size = {"hidden": hidden, "expert_hidden": hidden * args.expert_ratio,
                         "params": sum(p.numel() for p in model.parameters()),
                         "totals": {k: costs.total(k) for k in costs.moe},

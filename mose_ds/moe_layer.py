@@ -33,7 +33,7 @@ from torch import nn
 
 from . import grouped
 from .config import MoEConfig
-from .dispatch import AllToAllDispatcher, LocalDispatcher, sort_slots
+from .dispatch import AllToAllDispatcher, LocalDispatcher, sort_slots, sum_over_choices, to_host
 from .experts import ExpertKernel, ExpertRows, LoopKernel, RelaxedKernel, SlimmableFFN, inverse, permute_rows
 from .gating import (RouterSpec, RoutingStats, assign_slots, balance_loss, expert_capacity, expert_counts,
                      router_z_loss, routing_stats, top_k_routing)
@@ -64,9 +64,9 @@ class Router(nn.Module):
 class RoutingInfo:
     """What one MoE forward returns besides its output: the auxiliary loss (with grad)
     and detached diagnostics. Returned explicitly, never stashed on the module."""
-    aux_loss: torch.Tensor
+    aux_loss: torch.Tensor | None  # None: a decoding step, which needs no gradient (stats keep the losses)
     stats: RoutingStats
-    nominal_units: torch.Tensor   # the paper's count for this rank's tokens: sum over their kept
+    nominal_units: torch.Tensor | int  # the paper's count for this rank's tokens: sum over their kept
                                   # slots of ceil(w H) (no width_quantum), plus the shared
                                   # experts' units (device)
     units: float                  # hidden units this rank's kernels executed (each size rounded up
@@ -85,6 +85,18 @@ class Route:
 
 
 LOOP, RELAXED, GROUPED = LoopKernel(), RelaxedKernel(), grouped.GroupedKernel()
+FEW_SLOTS = 256        # routed slots up to which a forward without gradients is a decoding step
+
+
+def _runs(keys: list) -> list[tuple]:
+    """Runs of equal neighbours in sorted keys: [(key, length), ...]."""
+    runs: list[list] = []
+    for key in keys:
+        if runs and runs[-1][0] == key:
+            runs[-1][1] += 1
+        else:
+            runs.append([key, 1])
+    return [tuple(r) for r in runs]
 
 
 class SlimmableMoE(MoE):
@@ -144,7 +156,13 @@ class SlimmableMoE(MoE):
     def forward(self, hidden_SBD: torch.Tensor, width_policy: WidthPolicy, relaxed: bool = False):
         S, B, D = hidden_SBD.shape
         x_TD = hidden_SBD.reshape(S * B, D)
-        route = self.route(x_TD, B, getattr(width_policy, "top_k", None) or self.k)   # 1.
+        k = getattr(width_policy, "top_k", None) or self.k
+        if not 1 <= k <= self.k:
+            raise ValueError(f"routing to top_k={k} experts: needs 1 <= k' <= trained k={self.k}")
+        if self._host_grouped(S * B * k, relaxed):
+            out_TD, info = self._forward_few(x_TD, width_policy, k, B)
+            return out_TD.view(S, B, D), info
+        route = self.route(x_TD, B, k)                                                # 1.
         w_TK = width_policy(route.p_TK, self.layer_index, relaxed)                    # 2.
         m_TK = hidden_units(w_TK, self.ffn_hidden_size, self.moe.width_quantum)
         shared_sort = self._sort_shared(w_TK)
@@ -161,13 +179,77 @@ class SlimmableMoE(MoE):
         nominal = (paper_m_TK * route.keep_TK).sum() + self._shared_nominal(w_TK)
         return out_TD.view(S, B, D), RoutingInfo(route.aux_loss, route.stats, nominal, float(units), S * B)
 
+    def _host_grouped(self, slots: int, relaxed: bool) -> bool:
+        """Whether this forward takes `_forward_few`: a decoding step (few slots, no
+        gradient, every expert on this rank, no capacity)."""
+        return (slots <= FEW_SLOTS and not relaxed and not torch.is_grad_enabled() and not self.moe.drop_tokens
+                and isinstance(self.dispatcher, LocalDispatcher))
+
+    def _forward_few(self, x_TD: torch.Tensor, width_policy: WidthPolicy, k: int, batch: int
+                     ) -> tuple[torch.Tensor, RoutingInfo]:
+        """Steps 1-6 for a decoding step of a few tokens, in about a quarter of the operations.
+
+        The general path plans on the device (sort, histogram, one host copy of counts) and
+        computes the auxiliary losses and routing statistics in every forward: some 120
+        operations per layer, more time than a decoding step's products take. Here the
+        slots' experts and sizes come to the host in one copy (the same one host sync), the
+        slots that share (expert, size) run as one product pair, and each token sums its K
+        outputs as the general combine does (fp32, choice 0 first). Units are counted on the
+        host; the losses are computed only if read (no gradient needs them)."""
+        T, D, H = x_TD.shape[0], x_TD.shape[1], self.ffn_hidden_size
+        logits_TE = self.router(x_TD)
+        idx_TK, p_TK = top_k_routing(logits_TE, k, self.router_spec)
+        w_TK = width_policy(p_TK, self.layer_index, False)
+        m_TK = hidden_units(w_TK, H, self.moe.width_quantum)
+        shared_T = self._shared_sizes(w_TK)
+        # Slots sorted by (expert, widest first) on the device, as the general path sorts them;
+        # the host groups the same sorted order from its copy (no index travels to the device).
+        slot_N = torch.sort((idx_TK * (H + 1) + H - m_TK).reshape(-1), stable=True).indices
+        idx, m, *shared = (t.tolist() for t in to_host(idx_TK, m_TK, *shared_T))   # the host sync
+        idx, m = sum(idx, []), sum(m, [])                                        # flat slots t K + k
+        runs = _runs(sorted(zip(idx, m), key=lambda em: (em[0], -em[1])))        # ((expert, size), rows)
+        x_ND = x_TD.index_select(0, slot_N // k)
+        ys = [self.local_experts[expert].sliced(x_nD, size)
+              for ((expert, size), _), x_nD in zip(runs, x_ND.split([n for _, n in runs]))]
+        y_ND = torch.empty_like(x_ND).index_copy_(0, slot_N, torch.cat(ys))    # slot order
+        out_TD = sum_over_choices(y_ND.view(T, k, D), p_TK.float()).to(x_TD.dtype)
+        units = sum(m)
+        if shared:                                             # moe.shared_slimmable: sizes per token
+            token_T = torch.sort(-shared_T[0], stable=True).indices              # widest first
+            runs = _runs(sorted(shared[0], reverse=True))
+            x_sizes = x_TD.index_select(0, token_T).split([n for _, n in runs])
+            y_TD = torch.cat([self.shared_ffn.sliced(x_nD, size) for (size, _), x_nD in zip(runs, x_sizes)])
+            out_TD = out_TD.index_add(0, token_T, y_TD)
+            units += sum(shared[0])
+        elif self.shared_ffn is not None:
+            out_TD = out_TD + self.shared_ffn.sliced(x_TD, self.shared_ffn.ffn_hidden_size)
+            units += T * self.shared_ffn.ffn_hidden_size
+        nominal = units if self.moe.width_quantum == 1 else \
+            hidden_units(w_TK, H).sum() + self._shared_nominal(w_TK)          # the paper's count
+        counts = [0] * self.num_experts
+        for expert in idx:
+            counts[expert] += 1
+        counts_E = torch.tensor(counts)                                          # host
+
+        def losses():
+            lb = balance_loss(self.router_spec, logits_TE, idx_TK, p_TK / self.router_spec.scale,
+                              counts_E.to(logits_TE.device), batch)
+            return lb, router_z_loss(logits_TE)
+        stats = RoutingStats(counts_E, counts_E.sum(), len(idx), losses)
+        return out_TD, RoutingInfo(None, stats, nominal, float(units), T)
+
+    def _shared_sizes(self, w_TK: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The shared experts' hidden size per token [T] under moe.shared_slimmable (the mean
+        width of its routed experts), else nothing: they run at full width."""
+        if self.shared_ffn is None or not self.moe.shared_slimmable:
+            return ()
+        return (hidden_units(w_TK.mean(dim=-1), self.shared_ffn.ffn_hidden_size, self.moe.width_quantum),)
+
     def route(self, x_TD: torch.Tensor, batch: int, k: int) -> Route:
         """fp32 logits, top-k (k <= the trained k) and combine weights (RouterSpec), capacity
         slots (top-1 choices first; all kept when dropless), balance and z losses, routing
         statistics."""
         T, E, K = x_TD.shape[0], self.num_experts, k
-        if not 1 <= k <= self.k:
-            raise ValueError(f"routing to top_k={k} experts: needs 1 <= k' <= trained k={self.k}")
         logits_TE = self.router(x_TD)
         idx_TK, p_TK = top_k_routing(logits_TE, K, self.router_spec)
         counts_E = expert_counts(idx_TK, E)
@@ -188,7 +270,7 @@ class SlimmableMoE(MoE):
         if self.shared_ffn is None or not self.moe.shared_slimmable:
             return None
         H = self.shared_ffn.ffn_hidden_size
-        m_T1 = hidden_units(w_TK.detach().mean(dim=-1, keepdim=True), H, self.moe.width_quantum)
+        m_T1 = self._shared_sizes(w_TK.detach())[0].unsqueeze(1)
         zeros_T1 = torch.zeros_like(m_T1)
         return sort_slots(zeros_T1, m_T1, torch.ones_like(m_T1, dtype=torch.bool), 1, H)
 

@@ -129,8 +129,9 @@ def test_the_rejection_rule_returns_the_target_distribution():
 
 def test_greedy_self_speculative_text_is_the_plain_greedy_text(world):
     """20 prompts of different lengths: plain decoding of all of them in one batch, then
-    self-speculative decoding one at a time for each draft setting. The weights are random
-    and large enough (std 0.15) for narrow drafts to be refused often."""
+    self-speculative decoding of all of them in one batch for each draft setting (rows keep
+    different numbers of drafts each round), and of each alone for one setting. The weights
+    are random and large enough (std 0.15) for narrow drafts to be refused often."""
     model = build(family_config("gpt2", vocab_size=64, init_std=0.15), seed=3)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 64, (int(n),), generator=gen).tolist()
@@ -143,14 +144,24 @@ def test_greedy_self_speculative_text_is_the_plain_greedy_text(world):
         result = spec.generate(prompts, 12)
         assert result.tokens == plain.tokens, (width, top_k, n)
         rates[(width, top_k, n)] = result.acceptance_rate
-        assert result.target_forwards == result.rounds < 20 * 11 and result.draft_forwards == n * result.rounds
+        assert result.target_forwards == result.rounds <= 11 and result.draft_forwards == n * result.rounds
+        assert n * result.rounds <= result.drafted <= 20 * n * result.rounds
+    spec = SelfSpeculativeDecoding(model, FULL_WIDTH, UniformPolicy(0.5), 3)
+    batched, alone = spec.generate(prompts, 12), [spec.generate([p], 12) for p in prompts]
+    assert [g.tokens[0] for g in alone] == plain.tokens == batched.tokens
+    assert sum(g.accepted for g in alone) == batched.accepted and sum(g.drafted for g in alone) == batched.drafted
+    # a draft under the target's own policy is always kept: rows draft from the right position,
+    # also from a two-token feed after a full acceptance
+    itself = SelfSpeculativeDecoding(model, FULL_WIDTH, FULL_WIDTH, 3).generate(prompts, 12)
+    assert itself.tokens == plain.tokens and itself.acceptance_rate == 1.0
     assert all(0.1 < r < 0.9 for r in rates.values()), rates         # drafts were kept and refused
 
 
 def test_speculative_sampling_follows_the_target_policy(world):
     """A tiny model over 5 tokens with peaked distributions: the joint law of generated tokens
     2 and 3 under self-speculative sampling (draft width 0.25, top-1 routing, 2 drafts) equals
-    the target policy's, computed exactly from full forwards (600 runs, chi-square)."""
+    the target policy's, computed exactly from full forwards (600 rows decoded 15 to a batch,
+    so rows that keep different numbers of drafts share forwards; chi-square)."""
     cfg = family_config("gpt2", vocab_size=5, init_std=0.5, num_layers=2)
     model = build(cfg, seed=4)
     prompt, sampling = [1, 3], Sampling(temperature=1.0)
@@ -164,10 +175,11 @@ def test_speculative_sampling_follows_the_target_policy(world):
                 exact[t2] += p1[t1] * p2[t2] * probs(prompt + [t1, t2])
     counts, drafted, accepted = torch.zeros(5, 5), 0, 0
     draft = UniformPolicy(0.25, top_k=1)
-    for seed in range(600):
+    for seed in range(40):                                    # 40 batches of 15 rows: 600 samples
         out = SelfSpeculativeDecoding(model, FULL_WIDTH, draft, 2, Sampling(temperature=1.0, seed=seed)).generate(
-            [prompt], 3)
-        counts[out.tokens[0][1], out.tokens[0][2]] += 1
+            [prompt] * 15, 3)
+        for tokens in out.tokens:
+            counts[tokens[1], tokens[2]] += 1
         drafted, accepted = drafted + out.drafted, accepted + out.accepted
     assert 0.2 < accepted / drafted < 0.9, accepted / drafted
     cells = exact.flatten() * 600 >= 5
@@ -201,3 +213,31 @@ def test_bad_requests_are_one_line_errors(world):
         SelfSpeculativeDecoding(dropping, FULL_WIDTH, UniformPolicy(0.5), 2).generate([[1, 2]], 2)
     with pytest.raises(GenerationError, match="needs a dropless model"):
         PlainDecoding(dropping, FULL_WIDTH).generate([[1, 2], [3]], 2)
+
+
+def test_mose_generate_plain_batched_speculative_and_auto_draft(trained, tmp_path, capsys):
+    """The command on the suite's trained model: one prompt streams its text; a file of
+    prompts decodes as one batch, self-speculative (--json) giving plain decoding's tokens;
+    --auto-draft on a prompt near the 32-position limit skips the draft lengths that do not
+    fit and still decodes."""
+    import json
+
+    from conftest import load_tool
+    generate = load_tool("generate").main
+    assert generate(["--ckpt", trained, "--prompt", "the king", "--max-new-tokens", "6"]) == 0
+    streamed = capsys.readouterr()
+    assert streamed.out.startswith("the king") and len(streamed.out) > len("the king") and "6 tokens" in streamed.err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the king\nmy lord, the\n\nand so\n")
+    runs = {}
+    for name, extra in {"plain": [], "draft": ["--draft-width", "0.5", "--draft-tokens", "3"]}.items():
+        assert generate(["--ckpt", trained, "--prompts-file", str(prompts), "--max-new-tokens", "8", "--json",
+                         *extra]) == 0
+        runs[name] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in runs["draft"]] == ["the king", "my lord, the", "and so"]
+    assert [r["tokens"] for r in runs["draft"]] == [r["tokens"] for r in runs["plain"]]
+    assert runs["plain"][0]["acceptance_rate"] is None and 0 <= runs["draft"][0]["acceptance_rate"] <= 1
+    long_prompt = " ".join(["the"] * 24)                      # 24 tokens + 3 new + 9 does not fit 32
+    assert generate(["--ckpt", trained, "--prompt", long_prompt, "--max-new-tokens", "3", "--auto-draft"]) == 0
+    err = capsys.readouterr().err
+    assert "width 0.25 x 8 skipped" in err and "auto-draft: width 0.25 x 2:" in err

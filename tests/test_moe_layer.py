@@ -4,6 +4,7 @@ import torch
 from conftest import sliced_ffn, tiny_config
 from mose_ds.gating import RouterSpec, top_k_routing
 from mose_ds.model import transformer_config
+from mose_ds import moe_layer
 from mose_ds.moe_layer import SlimmableMoE
 from mose_ds.widths import NormProbPolicy, UniformPolicy, hidden_units
 
@@ -204,3 +205,46 @@ def test_training_uses_capacity_factor_and_eval_the_eval_capacity_factor(world, 
         assert kept[mode] == 2 * min(16, capacity), mode
     # the paper's factors: capacity 10 drops tokens in training, 16 none in eval
     assert kept == ({"train": 20, "eval": 32} if factors is None else {"train": 16, "eval": 24})
+
+
+def count_ops(fn):
+    """Top-level aten operations of one call (the kernel-launch proxy)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, sum(1 for e in prof.events() if e.name.startswith("aten::")
+                       and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+@pytest.mark.parametrize("shared_slimmable", [False, True])
+@pytest.mark.parametrize("policy", [UniformPolicy(1.0), UniformPolicy(0.5, top_k=1), router_prob_policy,
+                                    NormProbPolicy(1.0), NormProbPolicy(0.9, gamma=2.0, exact_budget=True)],
+                         ids=["full", "uniform0.5-top1", "per-token", "normprob", "gamma-exact-budget"])
+def test_a_decoding_step_equals_the_general_path(world, policy, shared_slimmable, monkeypatch):
+    """A forward of a few tokens without gradients (a decoding step) groups its slots on the
+    host: the same outputs, units, paper units, expert counts and losses as the general path
+    (taken here with gradients on), and one host sync; at full width, one token takes under
+    two thirds of the general path's operations."""
+    from mose_ds.counters import HostSyncCounter
+    layer = build_moe(world, shared=64, drop_tokens=False, shared_slimmable=shared_slimmable, width_quantum=4)
+    x = torch.randn(3, 2, 32)                                 # 3 tokens x 2 rows
+    with torch.enable_grad():
+        general, info = layer(x, policy)
+    with torch.no_grad():
+        with monkeypatch.context() as patch:
+            patch.setattr(moe_layer, "FEW_SLOTS", 0)           # every forward takes the general path
+            _, general_ops = count_ops(lambda: layer(x[:1, :1], UniformPolicy(1.0)))
+        few, few_info = layer(x, policy)
+        _, few_ops = count_ops(lambda: layer(x[:1, :1], UniformPolicy(1.0)))   # one token: a decoding step
+        counter = HostSyncCounter()
+        counter.device(x, *layer.parameters())
+        with counter:
+            layer(x, policy)
+    assert few_info.aux_loss is None                          # nothing needs its gradient
+    torch.testing.assert_close(few, general.detach(), rtol=1e-5, atol=1e-6)
+    assert (few_info.units, int(few_info.nominal_units)) == (info.units, int(info.nominal_units))
+    assert torch.equal(few_info.stats.counts_E, info.stats.counts_E)
+    torch.testing.assert_close(few_info.stats.load_balance, info.stats.load_balance)
+    torch.testing.assert_close(few_info.stats.z_loss, info.stats.z_loss)
+    assert few_ops * 3 < general_ops * 2, (few_ops, general_ops)     # 87 against 147 with shared experts
+    assert counter.syncs == 1, dict(counter.where)

@@ -12,7 +12,8 @@ turns on self-speculative decoding: the same weights at the draft policy propose
 `--draft-tokens` tokens, the target policy verifies them in one forward; the text is the
 target policy's (greedy: identical to plain decoding; sampling: the same distribution).
 `--auto-draft` times each draft width (0.25 / 0.5 / 0.75) and length (2 / 4 / 8), and plain
-decoding, on the first prompt and keeps the fastest. A summary goes to stderr.
+decoding, on the first prompt (repeated to the batch's size: the best draft depends on it) and
+keeps the fastest. Prompts of a file are decoded as one batch. A summary goes to stderr.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True, help="a run folder, checkpoint root or tag folder")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="the prompt text")
-    prompts.add_argument("--prompts-file", help="a text file, one prompt per line (batched when plain)")
+    prompts.add_argument("--prompts-file", help="a text file, one prompt per line (one batch)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--data", help="prepared data folder (only for a checkpoint that records no tokenizer)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -48,7 +49,8 @@ def parse(argv=None) -> argparse.Namespace:
     d.add_argument("--draft-width", type=float, help="the draft's uniform width")
     d.add_argument("--draft-top-k", type=int, help="the draft routes to k' < k experts")
     d.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per verification")
-    d.add_argument("--auto-draft", action="store_true", help="time the draft settings on the first prompt, keep the fastest")
+    d.add_argument("--auto-draft", action="store_true",
+                   help="time the draft settings on the first prompt (as many rows as prompts), keep the fastest")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, no streamed text")
     return p.parse_args(argv)
 
@@ -91,13 +93,20 @@ def decoder(model, target, args, width: float | None, top_k: int | None, tokens:
     return SelfSpeculativeDecoding(model, target, draft, tokens, sampling, eos_id)
 
 
-def auto_draft(model, target, args, prompt: list[int], eos_id) -> tuple[tuple, list[dict]]:
-    """The fastest of plain decoding and each (draft width, draft length) on one prompt."""
+def auto_draft(model, target, args, prompt: list[int], rows: int, eos_id) -> tuple[tuple, list[dict]]:
+    """The fastest of plain decoding and each (draft width, draft length) on one prompt,
+    decoded as `rows` rows; a draft length with no room left under the model's positions is
+    skipped."""
+    from ..generation import GenerationError
     budget = min(args.max_new_tokens, 48)
     trials = []
     for width, n in [(None, 0)] + [(w, n) for w in AUTO_WIDTHS for n in AUTO_LENGTHS]:
-        gen = decoder(model, target, args, width, args.draft_top_k if width else None, n, eos_id).generate(
-            [prompt], budget)
+        try:
+            gen = decoder(model, target, args, width, args.draft_top_k if width else None, n, eos_id).generate(
+                [prompt] * rows, budget)
+        except GenerationError as e:
+            print(f"auto-draft: width {width:g} x {n} skipped: {e}", file=sys.stderr)
+            continue
         trials.append({"draft_width": width, "draft_tokens": n or None, "tokens_per_second": gen.tokens_per_second,
                        "acceptance_rate": gen.acceptance_rate})
         print(f"auto-draft: {'plain' if width is None else f'width {width:g} x {n}'}: "
@@ -125,7 +134,7 @@ def run(args, out) -> int:
     ids = [codec.encode(p) for p in prompts]
     width, top_k, tokens, trials = args.draft_width, args.draft_top_k, args.draft_tokens, None
     if args.auto_draft:
-        (width, tokens), trials = auto_draft(loaded.model, target, args, ids[0], codec.eot)
+        (width, tokens), trials = auto_draft(loaded.model, target, args, ids[0], len(ids), codec.eot)
         top_k = top_k if width is not None else None
     dec = decoder(loaded.model, target, args, width, top_k, tokens, codec.eot)
     streams = [StreamedText(codec, out, quiet=args.json or len(ids) > 1) for _ in ids]   # one prompt streams
