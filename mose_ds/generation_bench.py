@@ -24,7 +24,9 @@ Three measurements, each printed as a table and written as JSON:
 * `scan`: the same per-step costs for GPT-2 MoSE models of growing size (random weights)
   on this machine, at a batch of `--batch` rows: at which size a narrow draft starts to pay.
 
-Timing: the median of `--repeats` runs after one warm-up, CUDA synchronised.
+Timing: the median of `--repeats` runs after one warm-up, CUDA synchronised. The module
+imports torch and the model only where a measurement needs them: `--help` and `report` stay
+quick and print nothing but their own output.
 """
 
 from __future__ import annotations
@@ -36,12 +38,10 @@ import os
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import torch
-
-from .generation import PlainDecoding, Sampling, SelfSpeculativeDecoding
-from .kv_cache import KVCache
-from .widths import FULL_WIDTH, UniformPolicy
+if TYPE_CHECKING:
+    import torch
 
 DRAFT_WIDTHS = (0.25, 0.5, 0.75)
 DRAFT_LENGTHS = (2, 4, 8)
@@ -63,6 +63,7 @@ def median_seconds(cases: dict, repeats: int, device: torch.device) -> dict:
     """{name: median seconds} of zero-argument callables, after one warm-up call each, timed
     round-robin (one call of each per repeat), so drifting load on a shared machine hits all
     of them alike."""
+    import torch
     times = {name: [] for name in cases}
     for fn in cases.values():
         fn()
@@ -101,10 +102,14 @@ def decode_seconds(gen) -> float:
     return gen.seconds - gen.forward_seconds["prefill"]
 
 
-def compare(model, prompts, max_new: int, target=FULL_WIDTH, widths=DRAFT_WIDTHS, lengths=DRAFT_LENGTHS,
+def compare(model, prompts, max_new: int, target=None, widths=DRAFT_WIDTHS, lengths=DRAFT_LENGTHS,
             draft_top_k: int | None = None, eos_id: int | None = None, batch: int = 1, log=print) -> dict:
     """Plain against self-speculative greedy decoding of `prompts`, `batch` at a time, each
-    batch decoded by every setting in turn (so drifting load hits them alike)."""
+    batch decoded by every setting in turn (so drifting load hits them alike), at the target
+    policy (None: full width)."""
+    from .generation import PlainDecoding, Sampling, SelfSpeculativeDecoding
+    from .widths import FULL_WIDTH, UniformPolicy
+    target = target or FULL_WIDTH
     decoders = {None: PlainDecoding(model, target, Sampling(), eos_id)}
     decoders.update({(w, n): SelfSpeculativeDecoding(model, target, UniformPolicy(w, top_k=draft_top_k), n,
                                                      Sampling(), eos_id)
@@ -175,6 +180,10 @@ def step_costs(model, dense_blocks: int, moe_blocks: int, context: int, widths, 
     """Per-part step costs of `model` (one dense block at index 0, one MoE block at index 1
     are timed; the whole model has `dense_blocks` and `moe_blocks` of them) for `batch` rows
     with `context` cached tokens each."""
+    import torch
+
+    from .kv_cache import KVCache
+    from .widths import FULL_WIDTH, UniformPolicy
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     D = model.cfg.hidden_size
@@ -202,6 +211,7 @@ def step_costs(model, dense_blocks: int, moe_blocks: int, context: int, widths, 
 def _step_parts(model, key: str, step, h_SBD, ids_Bq, policy) -> dict:
     """Callables for one step's parts: embedding + final norm + LM head, block 0 (dense) and
     block 1 (MoE), each against the step's cache."""
+    import torch.nn.functional as F
     device, q = ids_Bq.device, ids_Bq.shape[1]
     head = model.wte.weight if model.lm_head is None else model.lm_head.weight
 
@@ -209,7 +219,7 @@ def _step_parts(model, key: str, step, h_SBD, ids_Bq, policy) -> dict:
         x = model.wte(ids_Bq)
         if model.wpe is not None:
             x = x + model.wpe(step.positions(q, device))
-        return torch.nn.functional.linear(model.final_norm(x), head)
+        return F.linear(model.final_norm(x), head)
 
     def block(index):
         return lambda: model.layers[index](h_SBD, step.layer(index), policy)
@@ -249,6 +259,14 @@ def gpt2_model(hidden: int, expert_hidden: int, layers: int, experts: int, top_k
     return _build(cfg, device, dtype), cfg
 
 
+def composed_parameters(model, dense_blocks: int, moe_blocks: int) -> int:
+    """Parameters of the whole model `step_costs` composes: embeddings, head and norms, and
+    copies of block 0 (dense) and block 1 (MoE)."""
+    count = lambda module: sum(p.numel() for p in module.parameters())   # noqa: E731
+    return (count(model) - sum(count(layer) for layer in model.layers)
+            + dense_blocks * count(model.layers[0]) + moe_blocks * count(model.layers[1]))
+
+
 def predictions(costs: StepCosts, acceptance: dict, widths, lengths) -> list[dict]:
     """The predicted speed-up at these costs for each (width, N) with a measured tokens per
     round."""
@@ -284,9 +302,9 @@ def _shape_costs(path: str) -> StepCosts:
         return StepCosts(**json.load(f)["costs"])
 
 
-def report(compares: dict, scan: str | None, shapes: dict, plot: str | None) -> str:
-    """Markdown tables (and a plot) of `compare`, `scan` and `shape` results:
-    `compares` {model name: JSON path}, `shapes` {label: JSON path}."""
+def report(compares: dict, scans: dict, shapes: dict, plot: str | None) -> str:
+    """Markdown tables (and a plot) of `compare`, `scan` and `shape` results, each given as
+    {name or label: JSON path}."""
     out, acceptance = [], read_acceptance(list(compares.values()))
     out.append("| model | batch | draft | N | acceptance | tokens/round | speed-up measured | predicted | "
                "predicted/measured | draft step / plain step | verify step / plain step | identical |")
@@ -302,20 +320,22 @@ def report(compares: dict, scan: str | None, shapes: dict, plot: str | None) -> 
                        f"{s['predicted_speedup'] / s['measured_speedup']:.3f} | {s['c_draft'] / r['c_plain']:.2f} | "
                        f"{s['c_verify'] / r['c_plain']:.2f} | {'yes' if s['identical'] else 'NO'} |")
             points.append((name, s["measured_speedup"], s["predicted_speedup"]))
-    if scan:
-        with open(scan) as f:
-            sizes = json.load(f)["sizes"]
-        out += ["", "| hidden (expert hidden) | parameters | plain step ms | draft w=0.25 / plain | w=0.5 | "
-                "w=0.75 | verify N=2 / plain | N=4 | N=8 | best predicted speed-up (draft, N) |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for size in sizes:
+    for label, path in scans.items():
+        with open(path) as f:
+            scan = json.load(f)
+        keys = [k for k in scan["sizes"][0]["totals"] if k != "plain"]
+        names = [f"draft w={k[len('draft_w'):]}" if k.startswith("draft") else f"verify N={k[len('verify_n'):]}"
+                 for k in keys]
+        out += ["", f"**{label}**", "", "| hidden (expert hidden) | parameters | plain step ms | "
+                + " | ".join(f"{n} / plain" for n in names) + " | best predicted speed-up (draft, N) |",
+                "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- |"]
+        for size in scan["sizes"]:
             t = size["totals"]
             best = max(size["predictions"], key=lambda r: r["predicted_speedup"], default=None)
-            ratios = " | ".join(f"{t[k] / t['plain']:.2f}" for k in ("draft_w0.25", "draft_w0.5", "draft_w0.75",
-                                                                       "verify_n2", "verify_n4", "verify_n8") if k in t)
             out.append(f"| {size['hidden']} ({size['expert_hidden']}) | {size['params'] / 1e6:.1f}M | "
-                       f"{t['plain'] * 1e3:.2f} | {ratios} | " + (f"{best['predicted_speedup']:.2f} "
-                       f"(w={best['draft_width']:g}, {best['n']})" if best else "-") + " |")
+                       f"{t['plain'] * 1e3:.2f} | " + " | ".join(f"{t[k] / t['plain']:.2f}" for k in keys) + " | "
+                       + (f"{best['predicted_speedup']:.2f} (w={best['draft_width']:g}, {best['n']})" if best else "-")
+                       + " |")
     for label, path in shapes.items():
         costs = _shape_costs(path)
         rows = predictions(costs, acceptance, DRAFT_WIDTHS, DRAFT_LENGTHS)
@@ -393,7 +413,7 @@ def parse(argv=None):
     r = sub.add_parser("report", help="markdown tables and a plot of compare / scan / shape results",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--compare", nargs="+", default=[], help="NAME=compare.json ...")
-    r.add_argument("--scan", help="scan JSON")
+    r.add_argument("--scan", nargs="*", default=[], help="LABEL=scan.json ...")
     r.add_argument("--shape", nargs="*", default=[], help="LABEL=shape.json ...")
     r.add_argument("--plot", help="PNG of predicted against measured speed-ups")
     for q in (s, n):
@@ -413,8 +433,10 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.command == "report":
         pairs = lambda items: dict(item.split("=", 1) for item in items)  # noqa: E731
-        print(report(pairs(args.compare), args.scan, pairs(args.shape), args.plot), end="")
+        print(report(pairs(args.compare), pairs(args.scan), pairs(args.shape), args.plot), end="")
         return 0
+    import torch
+
     from . import engine
     device = engine.init_distributed(device=args.device)
     if args.command == "compare":
@@ -424,7 +446,7 @@ def main(argv=None) -> int:
         folder = args.data or loaded.cfg.data.path
         prompts = held_out_prompts(folder, args.split, args.prompts, args.prompt_tokens)
         codec = TextCodec.for_checkpoint(loaded.folder, args.data)
-        result = compare(loaded.model, prompts, args.max_new_tokens, FULL_WIDTH, args.widths, args.lengths,
+        result = compare(loaded.model, prompts, args.max_new_tokens, None, args.widths, args.lengths,
                          args.draft_top_k, codec.eot, args.batch)
         result["checkpoint"] = loaded.identity
     else:
@@ -447,7 +469,7 @@ def main(argv=None) -> int:
                 costs = step_costs(model, args.layers - moe_blocks, moe_blocks, args.context, args.widths,
                                    args.lengths, args.repeats, batch=args.batch)
                 size = {"hidden": hidden, "expert_hidden": hidden * args.expert_ratio,
-                        "params": sum(p.numel() for p in model.parameters()),
+                        "params": composed_parameters(model, args.layers - moe_blocks, moe_blocks),
                         "totals": {k: costs.total(k) for k in costs.moe},
                         "predictions": predictions(costs, read_acceptance(args.acceptance), args.widths,
                                                    args.lengths)}

@@ -16,6 +16,9 @@ the expert-parameter tags) and replace the rest. A forward is a short sequence o
    calibration's `experts.RelaxedKernel`) on those rows;
 6. combine: each token's weighted sum, in fp32 and a fixed order; then the shared experts.
 
+A decoding step (a few tokens, no gradient, one rank: `_forward_few`) takes the same steps
+with the plan made on the host from one copy of the routed experts and sizes.
+
 Nothing is sized by capacity or is `[T, E, C]`: memory and traffic follow kept slots.
 
 Shape legend: S sequence, B batch, T = S * B tokens, D model dim, E experts, K top-k,
@@ -64,11 +67,12 @@ class Router(nn.Module):
 class RoutingInfo:
     """What one MoE forward returns besides its output: the auxiliary loss (with grad)
     and detached diagnostics. Returned explicitly, never stashed on the module."""
-    aux_loss: torch.Tensor | None  # None: a decoding step, which needs no gradient (stats keep the losses)
+    aux_loss: torch.Tensor | None # None after a decoding step: no gradient needs it (the stats
+                                  # still give both losses when read)
     stats: RoutingStats
-    nominal_units: torch.Tensor | int  # the paper's count for this rank's tokens: sum over their kept
-                                  # slots of ceil(w H) (no width_quantum), plus the shared
-                                  # experts' units (device)
+    nominal_units: torch.Tensor | int   # the paper's count for this rank's tokens: sum over their
+                                  # kept slots of ceil(w H) (no width_quantum), plus the shared
+                                  # experts' units (device; a host int after a decoding step)
     units: float                  # hidden units this rank's kernels executed (each size rounded up
                                   # to a range end, so at least the nominal units with EP = 1)
     tokens: int                   # T, the tokens this forward routed
@@ -187,7 +191,7 @@ class SlimmableMoE(MoE):
 
     def _forward_few(self, x_TD: torch.Tensor, width_policy: WidthPolicy, k: int, batch: int
                      ) -> tuple[torch.Tensor, RoutingInfo]:
-        """Steps 1-6 for a decoding step of a few tokens, in about a quarter of the operations.
+        """Steps 1-6 for a decoding step of a few tokens, in about half the operations.
 
         The general path plans on the device (sort, histogram, one host copy of counts) and
         computes the auxiliary losses and routing statistics in every forward: some 120

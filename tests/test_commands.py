@@ -54,3 +54,14 @@ def test_help_is_quick_quiet_and_shows_defaults(command):
         assert "moe" in out and "generation" in out
     else:
         assert "(default:" in out, out
+
+
+@pytest.mark.parametrize("sub", [["generation"], ["generation", "compare"], ["generation", "report"], ["convert"]])
+def test_bench_subcommand_help_imports_no_torch(sub):
+    """`mose-bench generation ... --help` and `mose-bench convert --help` (`mose-bench moe`
+    builds its argument defaults from torch and still imports it)."""
+    done = subprocess.run([sys.executable, "-c", PROBE, "mose-bench", *sub, "--help"], capture_output=True, text=True,
+                          cwd=ROOT, env=clean_env(), timeout=120)
+    assert done.stdout.rstrip().endswith("EXIT 0 TORCH False"), (done.stdout[-500:], done.stderr[-2000:])
+    assert done.stderr == "" and "usage:" in done.stdout, done.stderr[-2000:]
+    assert sub == ["generation"] or "(default:" in done.stdout, done.stdout[-500:]    # a leaf shows defaults

@@ -241,3 +241,23 @@ def test_mose_generate_plain_batched_speculative_and_auto_draft(trained, tmp_pat
     assert generate(["--ckpt", trained, "--prompt", long_prompt, "--max-new-tokens", "3", "--auto-draft"]) == 0
     err = capsys.readouterr().err
     assert "width 0.25 x 8 skipped" in err and "auto-draft: width 0.25 x 2:" in err
+
+
+def test_generation_benchmark_compares_batches_of_prompts(trained, tmp_path):
+    """`mose-bench generation compare --batch 2` on the suite's trained model: each batch is
+    decoded by plain and self-speculative decoding with identical text, tokens per round count
+    a row's own rounds (at most N + 1, at least 1), and the report shows the batch."""
+    import json
+
+    from mose_ds.generation_bench import compare, report
+    from mose_ds.inference import load_model
+    model = load_model(trained, dropless=True).model
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 50, (6,), generator=gen).tolist() for _ in range(4)]
+    result = compare(model, prompts, 10, widths=(1.0,), lengths=(2,), batch=2, log=lambda _: None)
+    (setting,) = result["settings"]
+    assert result["batch"] == 2 and setting["identical"] and setting["acceptance"] == 1.0
+    assert setting["tokens_per_round"] == 3.0                 # a full-width draft: every round keeps N + 1
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(result))
+    assert "| tiny | 2 | w=1 | 2 | 1.000 | 3.00 |" in report({"tiny": str(path)}, {}, {}, None)
