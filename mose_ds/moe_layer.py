@@ -230,14 +230,10 @@ class SlimmableMoE(MoE):
             units += T * self.shared_ffn.ffn_hidden_size
         nominal = units if self.moe.width_quantum == 1 else \
             hidden_units(w_TK, H).sum() + self._shared_nominal(w_TK)          # the paper's count
-        counts = [0] * self.num_experts
-        for expert in idx:
-            counts[expert] += 1
-        counts_E = torch.tensor(counts)                                          # host
+        counts_E = expert_counts(idx_TK, self.num_experts)                       # device, as the general path's
 
         def losses():
-            lb = balance_loss(self.router_spec, logits_TE, idx_TK, p_TK / self.router_spec.scale,
-                              counts_E.to(logits_TE.device), batch)
+            lb = balance_loss(self.router_spec, logits_TE, idx_TK, p_TK / self.router_spec.scale, counts_E, batch)
             return lb, router_z_loss(logits_TE)
         stats = RoutingStats(counts_E, counts_E.sum(), len(idx), losses)
         return out_TD, RoutingInfo(None, stats, nominal, float(units), T)

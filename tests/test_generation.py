@@ -218,8 +218,8 @@ def test_bad_requests_are_one_line_errors(world):
 def test_mose_generate_plain_batched_speculative_and_auto_draft(trained, tmp_path, capsys):
     """The command on the suite's trained model: one prompt streams its text; a file of
     prompts decodes as one batch, self-speculative (--json) giving plain decoding's tokens;
-    --auto-draft on a prompt near the 32-position limit skips the draft lengths that do not
-    fit and still decodes."""
+    --auto-draft, timed on a short first prompt, skips the draft lengths that leave a longer
+    prompt of the batch no room under the 32 positions, and decodes."""
     import json
 
     from conftest import load_tool
@@ -237,8 +237,8 @@ def test_mose_generate_plain_batched_speculative_and_auto_draft(trained, tmp_pat
     assert [r["prompt"] for r in runs["draft"]] == ["the king", "my lord, the", "and so"]
     assert [r["tokens"] for r in runs["draft"]] == [r["tokens"] for r in runs["plain"]]
     assert runs["plain"][0]["acceptance_rate"] is None and 0 <= runs["draft"][0]["acceptance_rate"] <= 1
-    long_prompt = " ".join(["the"] * 24)                      # 24 tokens + 3 new + 9 does not fit 32
-    assert generate(["--ckpt", trained, "--prompt", long_prompt, "--max-new-tokens", "3", "--auto-draft"]) == 0
+    prompts.write_text("the\n" + " ".join(["the"] * 24) + "\n")   # 24 tokens + 3 new + 9 do not fit 32
+    assert generate(["--ckpt", trained, "--prompts-file", str(prompts), "--max-new-tokens", "3", "--auto-draft"]) == 0
     err = capsys.readouterr().err
     assert "width 0.25 x 8 skipped" in err and "auto-draft: width 0.25 x 2:" in err
 

@@ -93,20 +93,20 @@ def decoder(model, target, args, width: float | None, top_k: int | None, tokens:
     return SelfSpeculativeDecoding(model, target, draft, tokens, sampling, eos_id)
 
 
-def auto_draft(model, target, args, prompt: list[int], rows: int, eos_id) -> tuple[tuple, list[dict]]:
+def auto_draft(model, target, args, prompt: list[int], rows: int, longest: int, eos_id) -> tuple[tuple, list[dict]]:
     """The fastest of plain decoding and each (draft width, draft length) on one prompt,
-    decoded as `rows` rows; a draft length with no room left under the model's positions is
-    skipped."""
-    from ..generation import GenerationError
-    budget = min(args.max_new_tokens, 48)
+    decoded as `rows` rows; a draft length that leaves the batch's longest prompt no room for
+    `--max-new-tokens` under the model's positions is skipped."""
+    from ..generation import max_positions
+    budget, positions = min(args.max_new_tokens, 48), max_positions(model)
     trials = []
     for width, n in [(None, 0)] + [(w, n) for w in AUTO_WIDTHS for n in AUTO_LENGTHS]:
-        try:
-            gen = decoder(model, target, args, width, args.draft_top_k if width else None, n, eos_id).generate(
-                [prompt] * rows, budget)
-        except GenerationError as e:
-            print(f"auto-draft: width {width:g} x {n} skipped: {e}", file=sys.stderr)
+        if width is not None and longest + args.max_new_tokens + n + 1 > positions:
+            print(f"auto-draft: width {width:g} x {n} skipped: {longest} prompt tokens + {args.max_new_tokens} new + "
+                  f"{n + 1} do not fit the model's {positions} positions", file=sys.stderr)
             continue
+        gen = decoder(model, target, args, width, args.draft_top_k if width else None, n, eos_id).generate(
+            [prompt] * rows, budget)
         trials.append({"draft_width": width, "draft_tokens": n or None, "tokens_per_second": gen.tokens_per_second,
                        "acceptance_rate": gen.acceptance_rate})
         print(f"auto-draft: {'plain' if width is None else f'width {width:g} x {n}'}: "
@@ -134,7 +134,8 @@ def run(args, out) -> int:
     ids = [codec.encode(p) for p in prompts]
     width, top_k, tokens, trials = args.draft_width, args.draft_top_k, args.draft_tokens, None
     if args.auto_draft:
-        (width, tokens), trials = auto_draft(loaded.model, target, args, ids[0], len(ids), codec.eot)
+        (width, tokens), trials = auto_draft(loaded.model, target, args, ids[0], len(ids), max(map(len, ids)),
+                                             codec.eot)
         top_k = top_k if width is not None else None
     dec = decoder(loaded.model, target, args, width, top_k, tokens, codec.eot)
     streams = [StreamedText(codec, out, quiet=args.json or len(ids) > 1) for _ in ids]   # one prompt streams
