@@ -216,7 +216,8 @@ def test_bad_requests_are_one_line_errors(world):
 
 
 def test_mose_generate_plain_batched_speculative_and_auto_draft(trained, tmp_path, capsys):
-    """The command on the suite's trained model: one prompt streams its text; a file of
+    """The command on the suite's trained model: one prompt streams its text, and without
+    --max-new-tokens generates what the model's 32 positions leave room for; a file of
     prompts decodes as one batch, self-speculative (--json) giving plain decoding's tokens;
     --auto-draft, timed on a short first prompt, skips the draft lengths that leave a longer
     prompt of the batch no room under the 32 positions, and decodes."""
@@ -227,6 +228,10 @@ def test_mose_generate_plain_batched_speculative_and_auto_draft(trained, tmp_pat
     assert generate(["--ckpt", trained, "--prompt", "the king", "--max-new-tokens", "6"]) == 0
     streamed = capsys.readouterr()
     assert streamed.out.startswith("the king") and len(streamed.out) > len("the king") and "6 tokens" in streamed.err
+    for draft in ([], ["--draft-width", "0.5", "--draft-tokens", "3"]):   # no --max-new-tokens: what fits 32
+        assert generate(["--ckpt", trained, "--prompt", "the king", "--json", *draft]) == 0
+        (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert 1 <= len(row["tokens"]) <= 32 - 2 - (4 if draft else 0)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the king\nmy lord, the\n\nand so\n")
     runs = {}

@@ -26,6 +26,7 @@ from . import library_output
 from ..policies import add_policy_arguments
 
 AUTO_WIDTHS, AUTO_LENGTHS = (0.25, 0.5, 0.75), (2, 4, 8)
+DEFAULT_NEW_TOKENS = 128
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -35,7 +36,8 @@ def parse(argv=None) -> argparse.Namespace:
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="the prompt text")
     prompts.add_argument("--prompts-file", help="a text file, one prompt per line (one batch)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens per prompt (unset: {DEFAULT_NEW_TOKENS}, or fewer where the model's positions end sooner)")
     p.add_argument("--data", help="prepared data folder (only for a checkpoint that records no tokenizer)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--top-k", type=int, help="route to k' <= k experts (routing transfer) in the target policy")
@@ -120,9 +122,10 @@ def run(args, out) -> int:
 
     from .. import engine
     from ..inference import load_model
+    from ..generation import max_positions
     from ..policies import build_policy, spec_from_arguments
     from ..tokenizer import TextCodec
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: needs at least 1")
     device = engine.init_distributed(device=args.device)
     loaded = load_model(args.ckpt, device=device, dropless=True)
@@ -133,6 +136,10 @@ def run(args, out) -> int:
     prompts = read_prompts(args)
     ids = [codec.encode(p) for p in prompts]
     width, top_k, tokens, trials = args.draft_width, args.draft_top_k, args.draft_tokens, None
+    if args.max_new_tokens is None:             # as many as fit, plainly or with the draft asked for
+        drafting = width is not None or top_k is not None
+        room = max_positions(loaded.model) - max(map(len, ids)) - (tokens + 1 if drafting else 0)
+        args.max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, room))   # no room at all: the decoder says so
     if args.auto_draft:
         (width, tokens), trials = auto_draft(loaded.model, target, args, ids[0], len(ids), max(map(len, ids)),
                                              codec.eot)
