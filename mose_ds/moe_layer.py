@@ -209,8 +209,8 @@ class SlimmableMoE(MoE):
         # Slots sorted by (expert, widest first) on the device, as the general path sorts them;
         # the host groups the same sorted order from its copy (no index travels to the device).
         slot_N = torch.sort((idx_TK * (H + 1) + H - m_TK).reshape(-1), stable=True).indices
-        idx, m, *shared = (t.tolist() for t in to_host(idx_TK, m_TK, *shared_T))   # the host sync
-        idx, m = sum(idx, []), sum(m, [])                                        # flat slots t K + k
+        idx, m, *shared = (t.tolist() for t in to_host(idx_TK.reshape(-1), m_TK.reshape(-1), *shared_T))
+        # ^ the host sync; idx and m are per flat slot t K + k
         runs = _runs(sorted(zip(idx, m), key=lambda em: (em[0], -em[1])))        # ((expert, size), rows)
         x_ND = x_TD.index_select(0, slot_N // k)
         ys = [self.local_experts[expert].sliced(x_nD, size)

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from conftest import sliced_ffn, tiny_config
+from mose_ds import moe_layer
 from mose_ds.gating import RouterSpec, top_k_routing
 from mose_ds.model import transformer_config
-from mose_ds import moe_layer
 from mose_ds.moe_layer import SlimmableMoE
 from mose_ds.widths import NormProbPolicy, UniformPolicy, hidden_units
 

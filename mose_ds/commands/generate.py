@@ -25,7 +25,6 @@ import sys
 from . import library_output
 from ..policies import add_policy_arguments
 
-AUTO_WIDTHS, AUTO_LENGTHS = (0.25, 0.5, 0.75), (2, 4, 8)
 DEFAULT_NEW_TOKENS = 128
 
 
@@ -100,9 +99,10 @@ def auto_draft(model, target, args, prompt: list[int], rows: int, longest: int, 
     decoded as `rows` rows; a draft length that leaves the batch's longest prompt no room for
     `--max-new-tokens` under the model's positions is skipped."""
     from ..generation import max_positions
+    from ..generation_bench import DRAFT_LENGTHS, DRAFT_WIDTHS
     budget, positions = min(args.max_new_tokens, 48), max_positions(model)
     trials = []
-    for width, n in [(None, 0)] + [(w, n) for w in AUTO_WIDTHS for n in AUTO_LENGTHS]:
+    for width, n in [(None, 0)] + [(w, n) for w in DRAFT_WIDTHS for n in DRAFT_LENGTHS]:
         if width is not None and longest + args.max_new_tokens + n + 1 > positions:
             print(f"auto-draft: width {width:g} x {n} skipped: {longest} prompt tokens + {args.max_new_tokens} new + "
                   f"{n + 1} do not fit the model's {positions} positions", file=sys.stderr)
@@ -121,8 +121,8 @@ def run(args, out) -> int:
     import dataclasses
 
     from .. import engine
-    from ..inference import load_model
     from ..generation import max_positions
+    from ..inference import load_model
     from ..policies import build_policy, spec_from_arguments
     from ..tokenizer import TextCodec
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
